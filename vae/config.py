@@ -1,0 +1,354 @@
+"""Configuration: presets as plain dicts, validated once into frozen, typed sections.
+
+Users work with flat dicts (``config['num_epochs'] = 100``), as the seed README shows.
+``validate_config`` turns such a dict into a :class:`Config` of frozen dataclasses, one per
+concern, and rejects unknown keys and bad values with one message naming every bad field.
+The dataclass fields below are the single list of keys, defaults and help texts: presets,
+validation, the CLI flags (:func:`add_config_arguments`) and MLflow parameter names
+(``section.key``) are all generated from them, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "add_config_arguments",
+    "config_from_args",
+    "flatten_params",
+    "get_benchmark_config",
+    "get_beta_vae_config",
+    "get_default_config",
+    "get_disentangled_config",
+    "get_small_config",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names every bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a help text and range checks (``gt``, ``ge``, ``le``, ``lt``)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_channels: int = _f(1, "image channels (1 for MNIST)", ge=1)
+    hidden_dims: tuple[int, ...] = _f((32, 64, 128, 256), "channels of each stride-2 conv stage", item_ge=1)
+    latent_dim: int = _f(128, "dimension of the latent space", ge=1)
+    image_size: int = _f(28, "height and width of input and output images", ge=1)
+    beta: float = _f(1.0, "KL weight of the plain 'vae' loss", ge=0.0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss_type: Literal["vae", "beta_vae", "disentangled"] = _f("vae", "objective: plain VAE, β-VAE with annealing, β-TC-VAE")
+    reconstruction_loss_type: Literal["mse", "bce"] = _f("mse", "reconstruction term: squared error or Bernoulli (BCE)")
+    beta_start: float = _f(0.0, "β at step 0 of the linear annealing (beta_vae)", ge=0.0)
+    beta_end: float = _f(1.0, "β after beta_steps steps (beta_vae); TC weight (disentangled)", ge=0.0)
+    beta_steps: int = _f(1000, "optimizer steps of linear β annealing", ge=0)
+    gamma: float = _f(1.0, "dimension-wise KL weight (disentangled)", ge=0.0)
+    tc_estimator: Literal["mws", "mss"] = _f("mws", "total-correlation estimator (disentangled)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = _f(128, "images per optimizer step", ge=1)
+    num_epochs: int = _f(100, "training epochs", ge=1)
+    learning_rate: float = _f(1e-3, "AdamW learning rate", gt=0.0, le=10.0)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", ge=0.0)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)", ge=0.0)
+    lr_scheduler: Literal["cosine", "step", "constant"] = _f("cosine", "learning-rate schedule")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps", ge=0)
+    ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and samples (0 disables)", ge=0.0, lt=1.0)
+    val_iw_k: int = _f(0, "importance samples for the validation IW bound each epoch (0 = off)", ge=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["mnist", "fashion_mnist"] = _f("mnist", "dataset")
+    data_dir: str = _f("./data", "folder holding <Dataset>/raw IDX files (env VAE_DATA_DIR)")
+    val_size: int = _f(5000, "training images held out for validation", ge=1)
+    binarize: Literal["none", "static", "dynamic"] = _f("none", "binarisation of pixels (likelihood benchmarks)")
+    max_train_samples: int = _f(0, "use only the first N training images (0 = all)", ge=0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    experiment_name: str = _f("vae_mnist", "name of the run folder and MLflow experiment")
+    checkpoint_dir: str = _f("checkpoints", "root folder of run folders")
+    seed: int = _f(42, "random seed (split, init, shuffling, sampling)", ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "compute device")
+    amp: bool = _f(False, "bf16 autocast on CUDA")
+    channels_last: bool = _f(True, "channels-last memory format (faster convolutions on CPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    sample_every: int = _f(5, "write a sample grid every N epochs (0 = never)", ge=0)
+    log_every: int = _f(50, "optimizer steps between progress updates (one host sync each)", ge=1)
+    progress: bool = _f(True, "show tqdm progress bars")
+    fast_dev_run: int = _f(0, "smoke mode: 1 epoch of N batches (env VAE_FAST_DEV_RUN)", ge=0)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration. Sections: model, loss, train, data, run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat plain-data dict (lists, not tuples) that ``validate_config`` accepts."""
+        out: dict[str, Any] = {}
+        for name in _SECTIONS:
+            for k, v in dataclasses.asdict(getattr(self, name)).items():
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A new validated config with some flat keys changed."""
+        return validate_config({**self.to_dict(), **overrides})
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Flat key -> (section name, dataclass field)."""
+    return {f.name: (sec, f) for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+_FIELDS = _fields()
+_HINTS = {sec: typing.get_type_hints(cls) for sec, cls in _SECTIONS.items()}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return list(value) if isinstance(value, tuple) else value
+
+
+def get_default_config() -> dict[str, Any]:
+    """The seed's defaults: a plain VAE, hidden 32-64-128-256, latent 128, MSE, 100 epochs.
+
+    ``data_dir`` comes from ``VAE_DATA_DIR`` when set; ``fast_dev_run`` from ``VAE_FAST_DEV_RUN``.
+    """
+    cfg = {key: _default(f) for key, (_, f) in _FIELDS.items()}
+    cfg["data_dir"] = os.environ.get("VAE_DATA_DIR", cfg["data_dir"])
+    fast = os.environ.get("VAE_FAST_DEV_RUN", "").strip()
+    if fast:
+        cfg["fast_dev_run"] = int(fast) if fast.isdigit() else fast  # a bad value fails validation
+    return cfg
+
+
+def get_beta_vae_config() -> dict[str, Any]:
+    """β-VAE: β annealed linearly from 0 to 4 over the first 2,000 steps."""
+    return {**get_default_config(), "experiment_name": "beta_vae", "loss_type": "beta_vae",
+            "beta_start": 0.0, "beta_end": 4.0, "beta_steps": 2000}
+
+
+def get_disentangled_config() -> dict[str, Any]:
+    """β-TC-VAE (Chen et al. 2018) with β = 6 on the total correlation, a small latent space."""
+    return {**get_default_config(), "experiment_name": "disentangled_vae", "loss_type": "disentangled",
+            "latent_dim": 10, "beta_start": 0.0, "beta_end": 6.0, "beta_steps": 2000, "gamma": 1.0,
+            "reconstruction_loss_type": "bce"}
+
+
+def get_benchmark_config() -> dict[str, Any]:
+    """Bernoulli decoder on dynamically binarised MNIST: the protocol of the published NLLs."""
+    return {**get_default_config(), "experiment_name": "benchmark_vae", "reconstruction_loss_type": "bce",
+            "binarize": "dynamic", "latent_dim": 32, "hidden_dims": [32, 64, 128], "batch_size": 128,
+            "learning_rate": 2e-3, "num_epochs": 60, "weight_decay": 0.0, "ema_decay": 0.999,
+            "loss_type": "beta_vae", "beta_start": 0.0, "beta_end": 1.0, "beta_steps": 5000}
+
+
+def get_small_config() -> dict[str, Any]:
+    """A short run for demos and examples: a smaller net, 3 epochs, a 10k-image subset."""
+    return {**get_default_config(), "experiment_name": "vae_demo", "hidden_dims": [16, 32, 64],
+            "latent_dim": 16, "num_epochs": 3, "max_train_samples": 10000, "batch_size": 128,
+            "sample_every": 1, "val_size": 1000}
+
+
+def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """(ok, coerced value, expected-type words) for one field."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return value in choices, value, "one of " + ", ".join(repr(c) for c in choices)
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+            return True, tuple(value), ""
+        return False, value, "a list of integers"
+    if hint is bool:
+        return isinstance(value, bool), value, "true or false"
+    if hint is int:
+        return type(value) is int, value, "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a bug in this module
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> list[str]:
+    problems = []
+    bounds = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
+              "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
+    for name, (ok, sym) in bounds.items():
+        if name in meta and not ok(value, meta[name]):
+            problems.append(f"{key}: must be {sym} {meta[name]}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) and not problems:
+        problems.append(f"{key}: must be a finite number, got {value!r}")
+    if "item_ge" in meta:
+        if len(value) == 0:
+            problems.append(f"{key}: must not be empty")
+        bad = [v for v in value if v < meta["item_ge"]]
+        if bad:
+            problems.append(f"{key}: every entry must be >= {meta['item_ge']}, got {list(value)!r}")
+    return problems
+
+
+def _cross_checks(c: Config) -> list[str]:
+    problems = []
+    if c.data.dataset in ("mnist", "fashion_mnist"):
+        if c.model.image_size != 28:
+            problems.append(f"image_size: {c.data.dataset} images are 28x28, got {c.model.image_size}")
+        if c.model.in_channels != 1:
+            problems.append(f"in_channels: {c.data.dataset} images have 1 channel, got {c.model.in_channels}")
+    if c.loss.loss_type == "disentangled" and c.train.batch_size < 2:
+        problems.append("batch_size: the disentangled loss estimates q(z) from the batch and needs >= 2")
+    if 2 ** (len(c.model.hidden_dims) - 1) > c.model.image_size:
+        problems.append(f"hidden_dims: {len(c.model.hidden_dims)} stride-2 stages need images of at least "
+                        f"{2 ** (len(c.model.hidden_dims) - 1)} pixels, got image_size {c.model.image_size}")
+    if c.data.max_train_samples and c.data.max_train_samples <= c.data.val_size:
+        problems.append(f"max_train_samples: must exceed val_size ({c.data.val_size}) so training "
+                        f"images remain, got {c.data.max_train_samples}")
+    return problems
+
+
+def validate_config(raw: Mapping[str, Any] | Config) -> Config:
+    """Validate a flat config dict into a frozen :class:`Config`.
+
+    Args:
+        raw: flat mapping of keys to values; missing keys take their defaults.
+    Returns:
+        The typed, frozen configuration.
+    Raises:
+        ConfigError: naming every unknown key, wrong type and out-of-range value at once.
+    """
+    if isinstance(raw, Config):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"configuration must be a mapping of keys to values, got {type(raw).__name__}"])
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {sec: {} for sec in _SECTIONS}
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        sec, f = _FIELDS[key]
+        ok, coerced, expected = _check_type(value, _HINTS[sec][key])
+        if not ok:
+            problems.append(f"{key}: must be {expected}, got {value!r}")
+            continue
+        range_problems = _check_range(key, coerced, f.metadata)
+        problems.extend(range_problems)
+        if not range_problems:
+            values[sec][key] = coerced
+    if problems:
+        raise ConfigError(problems)
+    cfg = Config(**{sec: cls(**values[sec]) for sec, cls in _SECTIONS.items()})
+    cross = _cross_checks(cfg)
+    if cross:
+        raise ConfigError(cross)
+    return cfg
+
+
+def flatten_params(cfg: Config) -> dict[str, Any]:
+    """``{'model.latent_dim': 128, 'loss.beta_end': 1.0, ...}``: stable names for trackers."""
+    out = {}
+    for sec in _SECTIONS:
+        for k, v in dataclasses.asdict(getattr(cfg, sec)).items():
+            out[f"{sec}.{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one ``--key`` flag per config field (default: unset, so presets decide)."""
+    for sec, cls in _SECTIONS.items():
+        group = parser.add_argument_group(f"{sec} options")
+        for f in dataclasses.fields(cls):
+            hint = _HINTS[sec][f.name]
+            kwargs: dict[str, Any] = {"default": None, "help": f"{f.metadata['help']} (default: {_default(f)})"}
+            origin = typing.get_origin(hint)
+            if origin is Literal:
+                kwargs["choices"] = typing.get_args(hint)
+            elif origin is tuple:
+                kwargs.update(type=int, nargs="+", metavar="N")
+            elif hint is bool:
+                kwargs.update(type=_parse_bool, metavar="BOOL")
+            else:
+                kwargs["type"] = hint
+            group.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> Config:
+    """Apply the flags that were given over ``base`` (default preset) and validate."""
+    cfg = dict(base if base is not None else get_default_config())
+    for key in _FIELDS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = value
+    return validate_config(cfg)
+
+
+PRESETS = {
+    "default": get_default_config,
+    "beta_vae": get_beta_vae_config,
+    "disentangled": get_disentangled_config,
+    "benchmark": get_benchmark_config,
+    "small": get_small_config,
+}

@@ -1,0 +1,321 @@
+"""MNIST and Fashion-MNIST as in-memory uint8 tensors, verified, split and batched by index.
+
+The IDX files are read by torchvision (``datasets.MNIST`` / ``FashionMNIST``) from
+``<data_dir>/<MNIST|FashionMNIST>/raw``. Compressed ``.gz`` files are decompressed by us into a cache
+folder (``$VAE_CACHE_DIR``, default ``~/.cache/vae-mlops``) keyed by their content, because torchvision reads only the
+uncompressed files unless it downloads them itself. Content is checked before anything is used:
+IDX header (magic number, dimensions, exact size), image/label counts, and the SHA-256 of each
+uncompressed file against a ``SHA256SUMS`` file beside them when one exists.
+
+Training never touches PIL: the images stay one uint8 tensor and :class:`ImageBatches` slices
+batches out of it by index, converting to float (and binarising) a batch at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+DatasetName = Literal["mnist", "fashion_mnist"]
+Binarize = Literal["none", "static", "dynamic"]
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+_IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
+
+
+class DataError(RuntimeError):
+    """The data is missing or invalid; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A dataset in memory. Images uint8 (N, 28, 28); labels int64 (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    sha256: dict[str, str]  # file name -> SHA-256 of the uncompressed IDX content
+    name: str = "mnist"
+
+    @property
+    def digest(self) -> str:
+        """One SHA-256 over the four files' digests: the dataset's identity for caching and tracking."""
+        joined = "".join(f"{k}:{self.sha256[k]};" for k in sorted(self.sha256))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def default_data_dir() -> str:
+    """``$VAE_DATA_DIR`` when set, else ``./data``."""
+    return os.environ.get("VAE_DATA_DIR", "./data")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mlops"))
+
+
+def missing_data_message(data_dir: str | Path, dataset: DatasetName = "mnist") -> str:
+    raw = Path(data_dir) / _FOLDERS[dataset] / "raw"
+    names = "\n".join(f"    {raw / (f + '.gz')}" for f in FILES.values())
+    return (f"{dataset} data not found in {data_dir!s} and could not be downloaded.\n"
+            f"  Put these four IDX files (gzipped or not) there:\n{names}\n"
+            f"  or point --data_dir / VAE_DATA_DIR at a folder that has {_FOLDERS[dataset]}/raw/.")
+
+
+def _find(raw_dirs: list[Path], name: str) -> Path | None:
+    for d in raw_dirs:
+        for candidate in (d / name, d / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot be read ({e}); replace it with a good copy") from None
+
+
+def check_idx(content: bytes, path: Path | str, kind: Literal["images", "labels"]) -> int:
+    """Validate an IDX header and size; return the item count.
+
+    Raises:
+        DataError: naming the file and what is wrong (magic, dimensions, truncated or too long).
+    """
+    magic_expected, header = (_IMAGE_MAGIC, 16) if kind == "images" else (_LABEL_MAGIC, 8)
+    if len(content) < header:
+        raise DataError(f"{path}: truncated IDX file ({len(content)} bytes, the header alone is {header})")
+    magic = struct.unpack(">I", content[:4])[0]
+    if magic != magic_expected:
+        raise DataError(f"{path}: wrong magic number {magic} (expected {magic_expected} for {kind}); "
+                        f"is this the right file?")
+    count = struct.unpack(">I", content[4:8])[0]
+    item = 1
+    if kind == "images":
+        rows, cols = struct.unpack(">II", content[8:16])
+        if (rows, cols) != (28, 28):
+            raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28")
+        item = rows * cols
+    expected = header + count * item
+    if len(content) != expected:
+        what = "truncated" if len(content) < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: header says {count} {kind} ({expected} bytes), file has {len(content)}")
+    return count
+
+
+def _read_sums(raw_dirs: list[Path]) -> dict[str, str]:
+    for d in raw_dirs:
+        sums = d / "SHA256SUMS"
+        if sums.is_file():
+            out = {}
+            for line in sums.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2:
+                    out[parts[1].lstrip("*")] = parts[0].lower()
+            return out
+    return {}
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _try_download(data_dir: Path, dataset: DatasetName) -> None:
+    from torchvision import datasets
+
+    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    try:
+        for train in (True, False):
+            cls(root=str(data_dir), train=train, download=True)
+    except Exception:  # noqa: BLE001 - any failure (offline, read-only) leads to the same advice
+        raise DataError(missing_data_message(data_dir, dataset)) from None
+
+
+def prepare_raw_files(data_dir: str | Path, dataset: DatasetName = "mnist", download: bool = True) -> tuple[Path, dict[str, str]]:
+    """Locate, verify and (if gzipped) decompress the four IDX files.
+
+    Returns:
+        (root, sha256): a root that torchvision's dataset class reads (``root/<Folder>/raw``
+        holds the uncompressed files) and the SHA-256 of each file's content.
+    Raises:
+        DataError: files missing (with where to put them) or invalid (naming file and problem).
+    """
+    data_dir = Path(data_dir).expanduser()
+    folder = _FOLDERS[dataset]
+    raw_dirs = [data_dir / folder / "raw", data_dir]
+    found = {k: _find(raw_dirs, f) for k, f in FILES.items()}
+    if not all(found.values()):
+        if not download:
+            raise DataError(missing_data_message(data_dir, dataset))
+        _try_download(data_dir, dataset)
+        found = {k: _find(raw_dirs, f) for k, f in FILES.items()}
+        if not all(found.values()):
+            raise DataError(missing_data_message(data_dir, dataset))
+
+    sums = _read_sums(raw_dirs)
+    contents, digests, counts = {}, {}, {}
+    for key, path in found.items():
+        content = _read_bytes(path)
+        counts[key] = check_idx(content, path, "images" if key.endswith("images") else "labels")
+        digests[FILES[key]] = hashlib.sha256(content).hexdigest()
+        want = sums.get(FILES[key])
+        if want is not None and want != digests[FILES[key]]:
+            raise DataError(f"{path}: SHA-256 of the content is {digests[FILES[key]]}, SHA256SUMS says {want}; "
+                            f"the file is corrupt or not the original: replace it")
+        contents[key] = content
+    for split in ("train", "test"):
+        if counts[f"{split}_images"] != counts[f"{split}_labels"]:
+            raise DataError(f"{found[f'{split}_images']}: {counts[f'{split}_images']} images but "
+                            f"{found[f'{split}_labels']} has {counts[f'{split}_labels']} labels")
+
+    if all(p.suffix != ".gz" and p.parent == data_dir / folder / "raw" for p in found.values()):
+        return data_dir, digests
+    # torchvision reads root/<Folder>/raw/<uncompressed name>: materialise that layout in a cache
+    # folder keyed by content (never in the user's data folder, which may be shared or read-only).
+    root = _cache_root() / "data" / hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
+    target = root / folder / "raw"
+    for key, content in contents.items():
+        dest = target / FILES[key]
+        if not dest.is_file() or hashlib.sha256(dest.read_bytes()).hexdigest() != digests[FILES[key]]:
+            _atomic_write(dest, content)
+    return root, digests
+
+
+def load_dataset(data_dir: str | Path | None = None, dataset: DatasetName = "mnist", download: bool = True) -> ImageData:
+    """Read a dataset's train and test sets as uint8 tensors (verified first; see module doc)."""
+    from torchvision import datasets
+
+    root, digests = prepare_raw_files(data_dir if data_dir is not None else default_data_dir(), dataset, download)
+    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    train, test = cls(root=str(root), train=True), cls(root=str(root), train=False)
+    return ImageData(train.data.contiguous(), train.targets.long(), test.data.contiguous(), test.targets.long(),
+                     digests, dataset)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (uint8, N x 28 x 28) and labels of one split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def split_train_val(data: ImageData, val_size: int = 5000, seed: int = 42,
+                    max_train_samples: int = 0) -> tuple[Split, Split]:
+    """A seeded train/validation split of the training set (default 55,000 / 5,000).
+
+    ``max_train_samples`` > 0 keeps only the first N training images before splitting.
+    """
+    images, labels = data.train_images, data.train_labels
+    if max_train_samples:
+        images, labels = images[:max_train_samples], labels[:max_train_samples]
+    if val_size >= len(images):
+        raise DataError(f"val_size {val_size} leaves no training images: the training set has {len(images)}; "
+                        f"lower val_size")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    return Split(images[train_idx], labels[train_idx]), Split(images[val_idx], labels[val_idx])
+
+
+def static_binarize(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One fixed Bernoulli draw per pixel (p = intensity), as uint8 0/255: statically binarised."""
+    probs = images.float().div(255)
+    return (torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+
+
+class ImageBatches:
+    """Batches of float images in [0, 1], (B, 1, 28, 28), sliced by index from a uint8 tensor.
+
+    The order of epoch e is a permutation seeded by (seed, e), and dynamic binarisation of batch k
+    draws from a generator seeded by (seed, e, k): any batch can be reproduced from its epoch and
+    index alone, which makes resuming mid-epoch exact without saving iterator state.
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = True, binarize: Binarize = "none",
+                 seed: int = 0, device: torch.device | str = "cpu", drop_last: bool = False,
+                 channels_last: bool = False, max_batches: int = 0):
+        images = static_binarize(split.images, seed) if binarize == "static" else split.images
+        self.images = images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size, self.shuffle, self.binarize = batch_size, shuffle, binarize
+        self.seed, self.device, self.drop_last, self.channels_last = seed, torch.device(device), drop_last, channels_last
+        self.max_batches = max_batches
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        full = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return min(full, self.max_batches) if self.max_batches else full
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.images))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=gen)
+
+    def batch(self, index: torch.Tensor, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index].unsqueeze(1).float().div_(255)
+        if self.binarize == "dynamic":
+            gen = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + k)
+            x = torch.bernoulli(x, generator=gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[index]
+
+    def iter_from(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the current epoch from batch index ``start`` on."""
+        order = self.order(self.epoch).to(self.device)
+        for k in range(start, len(self)):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield self.batch(idx, self.epoch, k)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+
+def create_dataloader(dataset: Dataset | Split, batch_size: int = 128, shuffle: bool = True,
+                      num_workers: int = 0, **kwargs) -> DataLoader:
+    """A ``torch.utils.data.DataLoader``, kept for API compatibility with the seed.
+
+    A :class:`Split` becomes a ``TensorDataset`` of float images in [0, 1] and labels. Training
+    uses :class:`ImageBatches`, which is several times faster on small images.
+    """
+    if isinstance(dataset, Split):
+        dataset = TensorDataset(dataset.images.unsqueeze(1).float().div(255), dataset.labels)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, **kwargs)
+

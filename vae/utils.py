@@ -1,0 +1,193 @@
+"""Shared helpers: device, seeding, gradient clipping, EMA, checkpoints, optimiser and schedule.
+
+One checkpoint format and one ``save_checkpoint`` / ``load_checkpoint`` pair: a plain dict of
+state dicts, counters and the config as plain data, written atomically (temp file, fsync,
+rename) and read back with ``weights_only=True`` so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, unsafe or not one of ours; the message says which."""
+
+
+def get_device(preference: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU; otherwise the named device."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use --device auto or cpu")
+    return torch.device(preference)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def gradient_clip(model: nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Clip the global gradient norm in place; returns the pre-clip norm as a tensor (no host sync)."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers.
+
+    shadow ← decay·shadow + (1 − decay)·param after each step; buffers (BatchNorm statistics) are
+    copied. ``module`` is the averaged model, used for evaluation and samples.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        # Warm-up as in TF's ExponentialMovingAverage: early averages are not dominated by init.
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        ema_p = list(self.module.parameters())
+        model_p = list(model.parameters())
+        torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
+        self.module.load_state_dict(state["module"])
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a reader sees the old file or the new one, never half.
+
+    Args:
+        state: plain data (tensors, dicts, lists, numbers, strings); nothing that needs pickling code.
+        path: destination file; its folder is created.
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is missing, is not a checkpoint, or holds objects that would run
+            code when unpickled (refused without running them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train a model first, or check --model_path)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: not a plain-data checkpoint ({first[:200]}). "
+                              f"Only load checkpoints from sources you trust.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path}: not a vae checkpoint (no 'format' key); was it written by vae-train?")
+    if state["format"] > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this code "
+                              f"({CHECKPOINT_FORMAT}); upgrade vae-mlops")
+    return state
+
+
+def create_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation parameters get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
+
+
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
+                        warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule: linear warm-up, then cosine decay to 1% / step decay / constant."""
+    total_steps = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        if kind == "cosine":
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        if kind == "step":
+            return 0.1 ** int(t * 3 - 1e-9) if t > 0 else 1.0  # ×0.1 at 1/3 and 2/3 of training
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """Rebuild the VAE a checkpoint describes and load its weights (EMA weights when present).
+
+    Returns:
+        (model in eval mode, checkpoint dict).
+    Raises:
+        CheckpointError: see :func:`load_checkpoint`; also when the weights do not fit the config.
+    """
+    from vae.config import ConfigError, validate_config
+    from vae.model import VAE
+
+    state = load_checkpoint(path, map_location=device)
+    try:
+        m = validate_config(state["config"]).model
+        model = VAE(m.in_channels, list(m.hidden_dims), m.latent_dim, m.image_size, m.beta)
+        ema = state.get("ema_state")
+        model.load_state_dict(ema["module"] if use_ema and ema is not None else state["model_state"])
+    except (KeyError, TypeError, RuntimeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: not a usable VAE checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    return model.to(device).eval(), state
