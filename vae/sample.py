@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+if __name__ == "__main__" and not __package__:  # `python vae/sample.py` puts vae/ itself on sys.path:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead, so `import vae` works
+
 import torch
 from torchvision.utils import save_image
 

@@ -21,6 +21,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+if __name__ == "__main__" and not __package__:  # `python vae/train.py` puts vae/ itself on sys.path:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead, so `import vae` works
+
 import torch
 from torch import nn
 from torchvision.utils import save_image
