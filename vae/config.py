@@ -215,7 +215,10 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return type(value) is int, value, "an integer"
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
+        try:
+            return ok, float(value) if ok else value, "a number"
+        except OverflowError:  # an int beyond float range
+            return False, value, "a number"
     if hint is str:
         return isinstance(value, str), value, "a string"
     raise TypeError(f"unsupported config type {hint!r}")  # pragma: no cover - a bug in this module
