@@ -1,0 +1,89 @@
+"""MLflow runs of a sweep: one parent run per invocation, one nested run per trial.
+
+Names follow :mod:`pipelines.tracking` (params ``section.key``, the library's metric keys,
+``run_kind`` tags) and everything logs through ``MlflowClient`` with explicit run ids, so worker
+processes and Prefect task threads attach their trials to the parent by its id alone.
+
+A trial run ends ``FINISHED`` (complete), ``KILLED`` (pruned) or ``FAILED`` (failed or
+interrupted); the tag ``trial_state`` says which in Optuna's words.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from tuning.options import SweepOptions, redact
+
+__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "log_summary", "run_link", "TAG_TRIAL_STATE"]
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_STUDY = "optuna.study_name"
+TAG_TRIAL_NUMBER = "optuna.trial_number"
+TAG_TRIAL_STATE = "trial_state"  # complete | pruned | failed | interrupted
+_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "FAILED"}
+
+
+def start_parent_run(client: MlflowClient, opts: SweepOptions) -> tuple[str, str]:
+    """Create the experiment (if new) and the sweep's parent run; returns (experiment id, run id)."""
+    exp_id = tracking.ensure_experiment(client, opts.experiment_name)
+    run = client.create_run(exp_id, run_name=f"{opts.study_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+        tracking.TAG_RUN_KIND: "sweep", TAG_STUDY: opts.study_name, "optuna.storage": redact(opts.storage),
+        "optuna.sampler": opts.sampler, "optuna.pruner": opts.pruner, "optuna.metrics": ",".join(opts.metrics)})
+    params = {"sweep.n_trials": opts.n_trials, "sweep.n_workers": opts.n_workers, "sweep.seed": opts.seed,
+              "sweep.timeout": opts.timeout, "sweep.objective": opts.objective,
+              "sweep.multi_objective": opts.multi_objective,
+              **{f"search.{k}": spec.describe() for k, spec in opts.space.items()}}
+    tracking.log_params(client, run.info.run_id, params)
+    return exp_id, run.info.run_id
+
+
+def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, opts: SweepOptions, number: int,
+                    params: Mapping[str, Any]) -> str:
+    """A nested run for trial ``number`` with the trial's full config as flat params."""
+    run = client.create_run(exp_id, run_name=f"trial-{number:04d}", tags={
+        TAG_PARENT: parent_run_id, tracking.TAG_RUN_KIND: "trial", TAG_STUDY: opts.study_name,
+        TAG_TRIAL_NUMBER: str(number)})
+    tracking.log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def end_trial_run(client: MlflowClient, run_id: str, state: str, values: Mapping[str, float] | None = None,
+                  reason: str | None = None) -> None:
+    """End a trial run with its state (complete / pruned / failed / interrupted) and final values."""
+    if values:
+        tracking.log_metrics(client, run_id, {f"objective/{k}": v for k, v in values.items()})
+    client.set_tag(run_id, TAG_TRIAL_STATE, state)
+    if reason:
+        client.set_tag(run_id, "trial_state_reason", reason[:5000])
+    client.set_terminated(run_id, status=_RUN_STATUS[state])
+
+
+def log_summary(client: MlflowClient, run_id: str, summary: Mapping[str, Any], plots: Mapping[str, str],
+                best_config_path: str | None, status: str = "FINISHED") -> None:
+    """Best trial, counts, plots and the best config on the parent run; then end it."""
+    best = summary.get("best")
+    if best:
+        tracking.log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items()})
+        tracking.log_metrics(client, run_id, {"best/value": best["value"], "best/trial_number": best["number"]})
+        client.set_tag(run_id, "best_trial_run_id", best.get("mlflow_run_id") or "")
+    counts = {f"trials/{k}": v for k, v in summary["counts"].items()}
+    tracking.log_metrics(client, run_id, {**counts, "trials/epochs": summary["trial_epochs"],
+                                          "sweep/wall_s": summary["wall_s"]})
+    if summary.get("pareto"):
+        client.log_dict(run_id, summary["pareto"], "pareto_front.json")
+    for path in plots.values():
+        client.log_artifact(run_id, path, artifact_path="plots")
+    if best_config_path:
+        client.log_artifact(run_id, best_config_path)
+    client.set_terminated(run_id, status=status)
+
+
+def run_link(client: MlflowClient, exp_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server, or the local UI started as the README says."""
+    uri = client.tracking_uri
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"

@@ -1,0 +1,183 @@
+"""Optuna studies: storage, sampler and pruner from options, the best trial's config, progress lines.
+
+Storages: any SQLAlchemy URL (SQLite by default, PostgreSQL via ``postgresql+psycopg://``) as an
+``RDBStorage`` with a heartbeat, so a trial whose worker was killed is marked failed and run
+again (``RetryHeartbeatStaleTrialCallback``); or ``journal:PATH``, Optuna's lock-free file log.
+Create the study once (:func:`open_study` with ``create=True``) before starting workers: several
+processes creating one new SQLite database at once race on its schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuning.options import SweepError, SweepOptions, optuna_dir, redact
+
+__all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
+           "write_best_config", "trial_epochs", "ProgressPrinter", "STATE_NAMES"]
+
+HEARTBEAT_S, GRACE_S = 20, 60
+STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+# Run-local keys a retraining run sets for itself.
+_RUN_LOCAL_KEYS = {"experiment_name": None, "checkpoint_dir": "checkpoints", "progress": True, "sample_every": 5}
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a URL that :func:`tuning.options.make_options` accepted."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
+    with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+
+
+def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> optuna.Study:
+    """Create (``create=True``, once, before workers start) or load the study of ``opts``.
+
+    Raises:
+        SweepError: the storage cannot be opened, or the stored study has other directions.
+    """
+    try:
+        storage = open_storage(opts.storage)
+    except Exception as e:  # noqa: BLE001 - any driver error becomes one line for the user
+        raise SweepError(f"--storage {redact(opts.storage)}: cannot open ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    kwargs = dict(storage=storage, study_name=opts.study_name, sampler=make_sampler(opts, worker),
+                  pruner=make_pruner(opts))
+    directions = ["minimize"] * len(opts.metrics)
+    if not create:
+        return optuna.load_study(**kwargs)
+    study = optuna.create_study(**kwargs, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise SweepError(f"study {opts.study_name!r} exists with {len(study.directions)} objective(s); "
+                         f"this sweep has {len(directions)}: use another --study-name")
+    stored = study.user_attrs.get("metrics")
+    if stored is None:
+        study.set_user_attr("metrics", list(opts.metrics))
+    elif stored != list(opts.metrics):
+        raise SweepError(f"study {opts.study_name!r} optimises {stored}, not {list(opts.metrics)}: "
+                         f"use another --study-name (values on different metrics do not compare)")
+    return study
+
+
+def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (default), random or NSGA-II, seeded; worker i gets seed + i so workers do not repeat."""
+    seed = None if opts.seed is None else opts.seed + worker
+    if opts.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
+    if opts.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, opts.n_trials // 3)))
+
+
+def make_pruner(opts: SweepOptions) -> optuna.pruners.BasePruner:
+    if opts.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=opts.pruner_startup_trials,
+                                           n_warmup_steps=opts.pruner_warmup_epochs)
+    if opts.pruner == "hyperband":
+        epochs = int(opts.base_config.get("num_epochs", 1))
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def trial_epochs(trials: list[FrozenTrial]) -> int:
+    """Epochs trained by these trials (each epoch reports one intermediate value)."""
+    return sum(len(t.intermediate_values) or int(t.user_attrs.get("epochs", 0)) for t in trials)
+
+
+def best_config_path(study_name: str) -> Path:
+    """``optuna/<study>/best_config.json``: the flat config of the study's best trial."""
+    return optuna_dir() / study_name / "best_config.json"
+
+
+def best_config(study_name: str, storage: str | None = None, *, experiment_name: str | None = None) -> dict[str, Any]:
+    """The full flat config of a single-objective study's best trial, ready for ``VAETrainer``.
+
+    Run-local keys (experiment name, checkpoint folder, progress bars, sample grids) are reset so
+    a retraining run does not write into the trial's folder.
+
+    Args:
+        study_name: the study.
+        storage: its storage URL (default: the embedded SQLite file).
+        experiment_name: run name for the retrained model (default ``<study>-best``).
+    Raises:
+        SweepError: the study has no completed trial, or is multi-objective (no single best).
+    """
+    from tuning.options import _check_storage, default_storage
+
+    storage = _check_storage(storage or default_storage(), 1)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise SweepError(f"no study {study_name!r} in {redact(storage)}") from None
+    if len(study.directions) > 1:
+        raise SweepError(f"study {study_name!r} is multi-objective: pick a trial from its Pareto front")
+    if not any(t.state == TrialState.COMPLETE for t in study.trials):
+        raise SweepError(f"study {study_name!r} has no completed trial yet")
+    config = dict(study.best_trial.user_attrs["config"])
+    config.update({k: v for k, v in _RUN_LOCAL_KEYS.items() if v is not None})
+    config["experiment_name"] = experiment_name or f"{study_name}-best"
+    return config
+
+
+def write_best_config(study_name: str, storage: str) -> Path | None:
+    """Write :func:`best_config` to :func:`best_config_path` (atomically); None if no best yet."""
+    try:
+        config = best_config(study_name, storage)
+    except SweepError:
+        return None
+    path = best_config_path(study_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class ProgressPrinter:
+    """A study callback printing one line per finished trial: state, value, best so far."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        state = STATE_NAMES.get(trial.state, trial.state.name.lower())
+        epochs = len(trial.intermediate_values)
+        if trial.values:
+            value = ", ".join(f"{v:.3f}" for v in trial.values)
+        elif trial.intermediate_values:
+            value = f"{trial.intermediate_values[max(trial.intermediate_values)]:.3f} at epoch {epochs}"
+        else:
+            value = "-"
+        line = f"{self.prefix}trial {trial.number:>3} {state:<8} value {value}"
+        if len(study.directions) == 1:
+            try:
+                best = study.best_trial
+                line += f" | best {best.value:.3f} (trial {best.number})"
+            except ValueError:
+                line += " | best -"
+        else:
+            line += f" | pareto front {len(study.best_trials)} trial(s)"
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        print(f"{line} | {params}", flush=True)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
