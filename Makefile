@@ -36,3 +36,15 @@ test-fast: install  ## the tests not marked slow
 
 clean:  ## remove run outputs (keeps mlruns/ and .venv)
 	rm -rf checkpoints samples outputs
+
+# Scale-out stack (scripts/stack.sh): PostgreSQL databases, MLflow server, Prefect server + workers.
+# Settings by environment or make variables: STACK_WORKERS=4 STACK_MLFLOW_PORT=5001 STACK_PREFECT_PORT=4201 ...
+.PHONY: stack-up stack-down stack-status
+stack-up: install  ## start the scale-out stack on 127.0.0.1 (state in .stack/; then: source .stack/env)
+	PY=$(PY) scripts/stack.sh up
+
+stack-down:  ## stop what stack-up started (STACK_PURGE=1 also drops its databases and .stack/)
+	PY=$(PY) scripts/stack.sh down $(if $(STACK_PURGE),--purge)
+
+stack-status:  ## the stack's processes, URLs and health
+	PY=$(PY) scripts/stack.sh status
