@@ -318,6 +318,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _lenient(convert):
+    """An argparse type that keeps text it cannot convert: :func:`validate_config` then names every
+    bad flag at once (argparse itself would stop at the first)."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            return text
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one ``--key`` flag per config field (default: unset, so presets decide)."""
     for sec, cls in _SECTIONS.items():
@@ -326,14 +338,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
             hint = _HINTS[sec][f.name]
             kwargs: dict[str, Any] = {"default": None, "help": f"{f.metadata['help']} (default: {_default(f)})"}
             origin = typing.get_origin(hint)
-            if origin is Literal:
-                kwargs["choices"] = typing.get_args(hint)
+            if origin is Literal:  # checked by validate_config, with every other bad flag
+                kwargs["metavar"] = "{" + ",".join(typing.get_args(hint)) + "}"
             elif origin is tuple:
-                kwargs.update(type=int, nargs="+", metavar="N")
+                kwargs.update(type=_lenient(int), nargs="+", metavar="N")
             elif hint is bool:
-                kwargs.update(type=_parse_bool, metavar="BOOL")
+                kwargs.update(type=_lenient(_parse_bool), metavar="BOOL")
             else:
-                kwargs["type"] = hint
+                kwargs["type"] = _lenient(hint)
             group.add_argument(f"--{f.name}", **kwargs)
     return parser
 
