@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -291,12 +292,13 @@ def validate_config(raw: Mapping[str, Any] | Config) -> Config:
         problems.extend(range_problems)
         if not range_problems:
             values[sec][key] = coerced
+    # Cross-field checks run even when some fields are bad (those take their defaults here), so
+    # every bad field is named at once; a cross problem that mentions a bad field is left out.
+    cfg = Config(**{sec: cls(**values[sec]) for sec, cls in _SECTIONS.items()})
+    bad = [re.compile(rf"\b{re.escape(str(p.split(':', 1)[0]))}\b") for p in problems]
+    problems += [c for c in _cross_checks(cfg) if not any(b.search(c) for b in bad)]
     if problems:
         raise ConfigError(problems)
-    cfg = Config(**{sec: cls(**values[sec]) for sec, cls in _SECTIONS.items()})
-    cross = _cross_checks(cfg)
-    if cross:
-        raise ConfigError(cross)
     return cfg
 
 
