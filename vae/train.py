@@ -425,7 +425,8 @@ def run_cli(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except (ConfigError, DataError, CheckpointError, RunExistsError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = "invalid configuration: " + "; ".join(e.problems) if isinstance(e, ConfigError) else str(e)
+        print(f"error: {text}", file=sys.stderr)
         return 2
 
 
