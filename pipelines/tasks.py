@@ -1,0 +1,229 @@
+"""The pipeline's Prefect tasks: each a thin, typed wrapper around one library call.
+
+- ``prepare_data``: locate, verify (IDX header, sizes, SHA-256) and cache a dataset as tensors;
+  its result is cached by the input digest (:func:`data_cache_key`).
+- ``start_run`` / ``finish_run``: the MLflow run (params, tags, dataset input) around the rest.
+- ``train``: :class:`vae.train.VAETrainer` with :class:`pipelines.tracking.MLflowCallback`.
+- ``evaluate``: :func:`vae.evaluate.evaluate` on the test set; metrics to the run.
+- ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``, and a Prefect
+  markdown artifact summarising the run.
+- ``register``: :func:`pipelines.registry.log_and_register`.
+
+Tasks retry on transient I/O errors (``OSError``) only: a bad config or bad data fails at once.
+All MLflow calls go through ``MlflowClient`` with the run id (tasks run in worker threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipelines import registry, tracking
+from vae.config import validate_config
+from vae.data import FILES, ImageData, load_dataset
+from vae.train import VAETrainer
+from vae.utils import get_device, load_model
+
+DATA_CACHE_VERSION = 1  # bump when the cached tensors' layout changes
+
+
+def transient_io_error(task, task_run, state) -> bool:
+    """Retry condition: the task failed with an ``OSError`` (disk, network, locked file)."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else (bad config, bad data, bugs) is final
+        return False
+    return False
+
+
+RETRY = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_io_error)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mlops"))
+
+
+def data_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Digest of the task's inputs: dataset, resolved folder, and each data file's size and mtime.
+
+    A changed, added or removed file changes the key; the content itself is hashed (and checked
+    against SHA256SUMS) on every cache miss.
+    """
+    root = Path(parameters["data_dir"]).expanduser().resolve()
+    parts = [f"v{DATA_CACHE_VERSION}", parameters["dataset"], str(root), str(_cache_root().resolve())]
+    for folder in (root / "MNIST" / "raw", root / "FashionMNIST" / "raw", root):
+        for name in [*FILES.values(), *(f"{n}.gz" for n in FILES.values()), "SHA256SUMS"]:
+            path = folder / name
+            if path.is_file():
+                st = path.stat()
+                parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "prepare-data-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+@task(name="prepare-data", cache_key_fn=data_cache_key, persist_result=True, result_serializer="json", **RETRY)
+def prepare_data(data_dir: str, dataset: str) -> dict[str, Any]:
+    """Verify a dataset and cache its tensors; returns a small JSON-able reference to them.
+
+    Raises:
+        DataError: files missing (with where to put them) or invalid (file and problem named).
+    """
+    data = load_dataset(data_dir, dataset)
+    path = _cache_root() / "tensors" / f"{dataset}-{data.digest[:16]}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkstemp(dir=path.parent, suffix=".tmp")[1])
+        torch.save({k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, tmp)
+        tmp.replace(path)
+    return {"dataset": dataset, "data_dir": str(Path(data_dir).expanduser().resolve()), "digest": data.digest,
+            "sha256": data.sha256, "tensors": str(path), "num_train": len(data.train_images),
+            "num_test": len(data.test_images)}
+
+
+def load_data(ref: dict[str, Any]) -> ImageData:
+    """The dataset a :func:`prepare_data` result refers to (its cached tensors, weights_only)."""
+    try:
+        t = torch.load(ref["tensors"], weights_only=True)
+    except (OSError, RuntimeError):  # cache file gone or damaged: read the IDX files again
+        return load_dataset(ref["data_dir"], ref["dataset"])
+    return ImageData(t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], ref["sha256"],
+                     ref["dataset"])
+
+
+@task(name="start-run", cache_policy=NO_CACHE, **RETRY)
+def start_run(config: dict[str, Any], data_ref: dict[str, Any], run_kind: str, flow_run_id: str | None) -> dict[str, str]:
+    """Create the MLflow run: params ``section.key``, the standard tags, the dataset as input."""
+    from vae.config import flatten_params
+
+    cfg = validate_config(config)
+    client = tracking.get_client()
+    exp_id = tracking.ensure_experiment(client, cfg.run.experiment_name)
+    tags = tracking.environment_tags(str(get_device(cfg.run.device)), data_ref["digest"], run_kind, flow_run_id)
+    run = client.create_run(exp_id, tags=tags)
+    tracking.log_params(client, run.info.run_id, flatten_params(cfg))
+    tracking.log_dataset(client, run.info.run_id, data_ref["dataset"], data_ref["digest"], data_ref["data_dir"],
+                         {"num_train": data_ref["num_train"], "num_test": data_ref["num_test"], **data_ref["sha256"]})
+    return {"run_id": run.info.run_id, "experiment_id": exp_id, "run_name": run.info.run_name}
+
+
+@task(name="finish-run", cache_policy=NO_CACHE, **RETRY)
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    tracking.get_client().set_terminated(run_id, status=status)
+
+
+@task(name="train", cache_policy=NO_CACHE, **RETRY)
+def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Train with per-epoch metrics and the checkpoints logged to the run.
+
+    The run folder is ``<checkpoint_dir>/<experiment>/``, chosen per run by the flow; a retry
+    after an I/O error resumes from its ``last.pth`` exactly.
+    """
+    cfg = validate_config(config)
+    last = Path(cfg.run.checkpoint_dir) / cfg.run.experiment_name / "last.pth"
+    callback = tracking.MLflowCallback(tracking.get_client(), run_id, log_checkpoints=True)
+    trainer = VAETrainer(cfg, [callback], resume=last.is_file(), data=load_data(data_ref))
+    result = trainer.train()
+    return {k: result[k] for k in ("status", "stop_reason", "run_dir", "epochs_completed", "best_val_nelbo",
+                                   "best_model_path", "final_metrics", "history")}
+
+
+def _evaluate(model, data: ImageData, cfg, k: int, max_test_images: int, probe: bool, fid: bool) -> dict[str, float]:
+    """The evaluation issue's metrics (``test/nelbo``, ``test/iw_nll_k{k}``, ...) of one model."""
+    from vae import evaluate as ev
+
+    loss_type, binarize, seed = cfg.loss.reconstruction_loss_type, cfg.data.binarize, cfg.run.seed
+    if hasattr(ev, "evaluate"):
+        return ev.evaluate(model, data, loss_type=loss_type, binarize=binarize, k=k, probe=probe, fid=fid,
+                           max_test_images=max_test_images, max_train_images=max_test_images, seed=seed)
+    from vae.data import ImageBatches, Split  # the library before vae.evaluate.evaluate existed
+
+    n = max_test_images or len(data.test_images)
+    batches = ImageBatches(Split(data.test_images[:n], data.test_labels[:n]), 500, shuffle=False,
+                           binarize=binarize, seed=seed)
+    return {"test/nelbo": ev.iw_nll(model, batches, 1, loss_type, seed),
+            f"test/iw_nll_k{k}": ev.iw_nll(model, batches, k, loss_type, seed)}
+
+
+def score_key(k: int) -> str:
+    """The metric the registry compares models on: the test IW bound (lower is better)."""
+    return f"test/iw_nll_k{k}"
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, **RETRY)
+def evaluate(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], run_id: str | None, *,
+             k: int, max_test_images: int = 0, probe: bool = True, fid: bool = True) -> dict[str, float]:
+    """Evaluate a checkpoint on the test set; log the metrics to ``run_id`` (None: log nothing)."""
+    cfg = validate_config(config)
+    model, _ = load_model(model_path, get_device(cfg.run.device))
+    metrics = _evaluate(model, load_data(data_ref), cfg, k, max_test_images, probe, fid)
+    if run_id is not None:
+        tracking.log_metrics(tracking.get_client(), run_id, metrics)
+    return metrics
+
+
+def _write_figures(model, data: ImageData, history, out_dir: Path, cfg) -> dict[str, Path]:
+    try:
+        from vae.figures import write_figures
+    except ImportError:  # the library before vae.figures existed: prior samples only
+        from torchvision.utils import save_image
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.run.seed)
+        save_image(model.sample(64, generator=gen).cpu(), out_dir / "prior_samples.png", nrow=8)
+        return {"prior_samples": out_dir / "prior_samples.png"}
+    return write_figures(model, data, history, out_dir, loss_type=cfg.loss.reconstruction_loss_type,
+                         binarize=cfg.data.binarize, seed=cfg.run.seed)
+
+
+FIGURES_DIR = "figures"  # artifact folder: figures/<name>.png, the same in every run
+
+
+@task(name="figures", cache_policy=NO_CACHE, **RETRY)
+def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], run: dict[str, str],
+            history: list[dict[str, Any]], metrics: dict[str, float]) -> dict[str, str]:
+    """Log every figure under ``figures/`` of the run; publish a markdown summary in Prefect."""
+    cfg = validate_config(config)
+    model, _ = load_model(model_path, get_device(cfg.run.device))
+    client = tracking.get_client()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_figures(model, load_data(data_ref), history, Path(tmp), cfg)
+        client.log_artifacts(run["run_id"], tmp, FIGURES_DIR)
+    logged = {name: f"{FIGURES_DIR}/{Path(p).name}" for name, p in paths.items()}
+    create_markdown_artifact(key="vae-training-summary", markdown=summary_markdown(client, run, cfg, metrics, logged),
+                             description=f"VAE training run {run['run_id']}")
+    return logged
+
+
+def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float], figures: dict[str, str]) -> str:
+    link = tracking.run_link(client, run["experiment_id"], run["run_id"])
+    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
+    figs = ", ".join(f"`{p}`" for p in figures.values())
+    return (f"# VAE training run `{run['run_name']}`\n\n"
+            f"MLflow run: [{run['run_id']}]({link}) (experiment `{cfg.run.experiment_name}`)\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n\nFigures (MLflow artifacts): {figs}\n")
+
+
+@task(name="register", cache_policy=NO_CACHE, **RETRY)
+def register(model_path: str, config: dict[str, Any], run_id: str, score: dict[str, float]) -> dict[str, str]:
+    """Log the model, register a ``vae-mnist`` version, alias it ``challenger``."""
+    client = tracking.get_client()
+    tags = {tracking.TAG_RUN_KIND: client.get_run(run_id).data.tags.get(tracking.TAG_RUN_KIND, ""),
+            **{k: f"{v:.6g}" for k, v in score.items()}}
+    version = registry.log_and_register(client, run_id, model_path, config, tags=tags)
+    return {"name": version.name, "version": str(version.version), "uri": registry.model_uri(version)}
+
+
+@task(name="tag-run", cache_policy=NO_CACHE, **RETRY)
+def tag_run(run_id: str, tags: dict[str, str]) -> None:
+    client = tracking.get_client()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
