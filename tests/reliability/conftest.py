@@ -1,0 +1,186 @@
+"""Fixtures for the reliability suite: real subprocesses (always reaped), CLI flags, a tally.
+
+Every process a test starts goes through :class:`Procs`, which starts it in its own process
+group and kills the group when the test ends, whatever happened. Subprocesses run with one
+torch thread: on a shared 2-core machine that is several times faster than the default.
+
+The tally counts what the suite did (faults injected, bad inputs tried, runs and trials
+checked afterwards, lost); it is printed at the end of a run and written as JSON to
+``$VAE_RELIABILITY_COUNTS`` when that is set (the figures in BENCHMARKS.md come from it).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+TALLY: collections.Counter = collections.Counter()
+
+
+def tally(kind: str, n: int = 1) -> None:
+    """Count ``n`` of ``kind``: faults, bad_inputs, runs_checked, trials_checked, lost."""
+    TALLY[kind] += n
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if TALLY:
+        terminalreporter.write_line("reliability tally: " + ", ".join(f"{k}={v}" for k, v in sorted(TALLY.items())))
+        out = os.environ.get("VAE_RELIABILITY_COUNTS")
+        if out:
+            Path(out).write_text(json.dumps(dict(TALLY), indent=2, sort_keys=True))
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a project CLI: one torch thread, the checkout importable, own cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAE_FAST_DEV_RUN", "MLFLOW_TRACKING_URI"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               VAE_CACHE_DIR=str(tmp_path / "cache"), DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(extra)
+    return env
+
+
+def cli_flags(cfg: Mapping[str, Any]) -> list[str]:
+    """``{'latent_dim': 4, 'hidden_dims': [8, 16]}`` -> ``['--latent_dim', '4', '--hidden_dims', '8', '16']``."""
+    out: list[str] = []
+    for key, value in cfg.items():
+        out.append(f"--{key}")
+        out.extend(str(v) for v in value) if isinstance(value, (list, tuple)) else out.append(str(value))
+    return out
+
+
+class Procs:
+    """Starts subprocesses in their own process groups; :meth:`reap` kills whatever is left."""
+
+    def __init__(self, env: dict[str, str], cwd: Path):
+        self.env, self.cwd = env, cwd
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], **kwargs: Any) -> subprocess.Popen:
+        kwargs.setdefault("env", self.env)
+        kwargs.setdefault("cwd", self.cwd)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def run(self, args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run to completion; returns (args, returncode, stdout, stderr)."""
+        proc = self.start(args, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"{args[:4]} did not finish in {timeout} s\nstdout:{out}\nstderr:{err[-3000:]}")
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    def python(self, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+        return self.run([PYTHON, *args], timeout=timeout, **kwargs)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                self.kill(proc)
+            try:
+                proc.communicate(timeout=30)
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """A :class:`Procs` whose processes run in ``tmp_path`` with :func:`cli_env`; all reaped after."""
+    p = Procs(cli_env(tmp_path), tmp_path)
+    try:
+        yield p
+    finally:
+        p.reap()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process training with one thread: faster here, and comparable with the subprocesses."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``predicate`` until true (returns True) or ``timeout`` / ``proc`` exiting (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(interval)
+    return False
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """stderr is a single ``error: ...`` line (no traceback) containing every needle."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], (n, stderr)
+    return lines[0]
+
+
+def tiny_cli_config(data_dir: Path, checkpoint_dir: Path, experiment: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """The flat config keys (as CLI flags would give them) of a model that trains in a second."""
+    cfg = dict(data_dir=str(data_dir), checkpoint_dir=str(checkpoint_dir), experiment_name=experiment,
+               hidden_dims=[8, 16], latent_dim=4, batch_size=50, num_epochs=2, val_size=100, progress=False,
+               sample_every=0, ema_decay=0.9, learning_rate=3e-3, log_every=5, seed=7)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, tiny_data_dir) -> Path:
+    """``best_model.pth`` of a tiny model trained for one epoch (shared, read-only)."""
+    import torch
+
+    from vae.config import get_default_config
+    from vae.train import VAETrainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = {**get_default_config(), **tiny_cli_config(tiny_data_dir, tmp_path_factory.mktemp("ckpt"), num_epochs=1)}
+        result = VAETrainer(cfg).train()
+    finally:
+        torch.set_num_threads(threads)
+    return Path(result["best_model_path"])
+
+
+def call_cli(cli, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a console-script entry point in-process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
