@@ -21,6 +21,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
+[[ $PY = /* ]] || PY="$PWD/$PY"
 BIN=$(dirname "$PY")
 STACK_DIR=$(mkdir -p "${STACK_DIR:-$ROOT/.stack}" && cd "${STACK_DIR:-$ROOT/.stack}" && pwd)
 STACK_HOST=${STACK_HOST:-127.0.0.1}
@@ -130,15 +131,17 @@ with psycopg.connect(url + "/postgres", autocommit=True, connect_timeout=5) as c
 EOF
 }
 
-drop_db() {
-  "$PY" - "$STACK_PG" "$1" <<'EOF'
+drop_dbs() {  # drop_dbs NAME...: drop the databases (and their open connections) if they exist
+  "$PY" - "$STACK_PG" "$@" <<'EOF'
 import sys
 import psycopg
 from psycopg import sql
-url, name = sys.argv[1].replace("postgresql+psycopg://", "postgresql://"), sys.argv[2]
+url = sys.argv[1].replace("postgresql+psycopg://", "postgresql://")
 with psycopg.connect(url + "/postgres", autocommit=True, connect_timeout=5) as conn:
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    print(f"stack: dropped database {name}", file=sys.stderr)
+    for name in sys.argv[2:]:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            print(f"stack: dropped database {name}", file=sys.stderr)
 EOF
 }
 
@@ -241,9 +244,7 @@ cmd_down() {
   done
   stop "${names[@]}"
   if [ "${1:-}" = "--purge" ]; then
-    drop_db "${STACK_DB_PREFIX}_mlflow"
-    drop_db "${STACK_DB_PREFIX}_optuna"
-    drop_db "${STACK_DB_PREFIX}_prefect"
+    drop_dbs "${STACK_DB_PREFIX}_mlflow" "${STACK_DB_PREFIX}_optuna" "${STACK_DB_PREFIX}_prefect"
     rm -rf "$STACK_DIR"
     say "removed $STACK_DIR"
   fi

@@ -1,0 +1,103 @@
+"""Fixtures of the scale-out tests: the machine's PostgreSQL, and a private stack started with
+``scripts/stack.sh`` (own folder, free ports, uniquely named databases, all dropped afterwards)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK_SH = ROOT / "scripts" / "stack.sh"
+PG_URL = os.environ.get("VAE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def pg_connect(database: str = "postgres"):
+    """A psycopg connection (autocommit) to one database of the test server."""
+    import psycopg
+
+    return psycopg.connect(PG_URL.replace("postgresql+psycopg://", "postgresql://") + "/" + database,
+                           autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The PostgreSQL server URL (no database); skips when nothing answers there."""
+    try:
+        with pg_connect() as conn:
+            conn.execute("SELECT 1")
+    except Exception as e:  # noqa: BLE001 - any connection failure means: no server for these tests
+        pytest.skip(f"PostgreSQL does not answer at {PG_URL.split('://')[1]} "
+                    f"(start it, or set VAE_TEST_PG_URL): {type(e).__name__}: {str(e).splitlines()[0]}")
+    return PG_URL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """A running stack: its folder, environment for ``scripts/stack.sh`` and the service URLs."""
+
+    dir: Path
+    env: dict[str, str]
+    prefix: str
+
+    def sh(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([str(STACK_SH), *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def client_env(self) -> dict[str, str]:
+        """The environment `source .stack/env` gives a client, on top of this process's."""
+        env = dict(os.environ)
+        for line in (self.dir / "env").read_text().splitlines():
+            if line.startswith("export "):
+                key, _, value = line[len("export "):].partition("=")
+                env[key] = value
+        return env
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['STACK_MLFLOW_PORT']}"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"{self.env['STACK_PG']}/{self.prefix}_optuna"
+
+
+def start_stack(tmp: Path, postgres: str, *args: str) -> Stack:
+    prefix = f"vae_t{os.getpid()}_{secrets.token_hex(3)}"
+    env = {**os.environ, "STACK_DIR": str(tmp / "stack"), "STACK_PG": postgres, "STACK_DB_PREFIX": prefix,
+           "STACK_MLFLOW_PORT": str(free_port()), "STACK_PREFECT_PORT": str(free_port()),
+           "PY": sys.executable}
+    stack = Stack(tmp / "stack", env, prefix)
+    try:
+        stack.sh("up", *args)
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    """Stop the stack's processes, drop its databases and remove its folder (idempotent)."""
+    stack.sh("down", "--purge", check=False)
+
+
+@pytest.fixture(scope="module")
+def mlflow_stack(tmp_path_factory, postgres):
+    """PostgreSQL databases and an MLflow server on them (no Prefect): the sweep's services."""
+    stack = start_stack(tmp_path_factory.mktemp("mlflow-stack"), postgres, "--no-prefect")
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
