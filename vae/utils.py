@@ -135,9 +135,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         first = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: refused: not a plain-data checkpoint ({first[:200]}). "
                               f"Only load checkpoints from sources you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(state, dict) or "format" not in state:
+    except Exception as e:  # noqa: BLE001 - the safe unpickler fails in many ways (IndexError, struct.error, ...)
+        # on bytes that are not a checkpoint; none of them ran code, all mean the same to the user
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict) or type(state.get("format")) is not int:
         raise CheckpointError(f"{path}: not a vae checkpoint (no 'format' key); was it written by vae-train?")
     if state["format"] > CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this code "
@@ -190,6 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         model = VAE(m.in_channels, list(m.hidden_dims), m.latent_dim, m.image_size, m.beta)
         ema = state.get("ema_state")
         model.load_state_dict(ema["module"] if use_ema and ema is not None else state["model_state"])
-    except (KeyError, TypeError, RuntimeError, ConfigError) as e:
-        raise CheckpointError(f"{path}: not a usable VAE checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    except (KeyError, TypeError, RuntimeError, ConfigError, AttributeError, ValueError, IndexError) as e:
+        detail = " ".join(str(e).split())[:300]  # one line, however long the cause's message
+        raise CheckpointError(f"{path}: not a usable VAE checkpoint ({type(e).__name__}: {detail})") from None
     return model.to(device).eval(), state
