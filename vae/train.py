@@ -240,7 +240,9 @@ class VAETrainer:
         if state is not None:
             start_epoch, start_batch, acc, best, step = self._restore(state, loss_fn, optimizer, scheduler)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp = self.run_dir / "config.json.tmp"  # atomic: `--resume` reads it back
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp.replace(self.run_dir / "config.json")
         self.global_step = step
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.run.seed)).to(device)
         for cb in self.callbacks:
@@ -275,9 +277,9 @@ class VAETrainer:
                 self._write_metrics_file()
                 if cfg.run.sample_every and (epoch % cfg.run.sample_every == 0 or epoch == num_epochs):
                     self._save_samples(eval_model, fixed_z, epoch)
+                if is_best:  # best before last: a kill between the two makes resume redo this epoch,
+                    self._save_best(epoch, step, metrics)  # not skip a best_model.pth it never wrote
                 self._save_last(epoch, step, best, loss_fn, optimizer, scheduler)
-                if is_best:
-                    self._save_best(epoch, step, metrics)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, metrics)
                 if self.stop_reason is not None and epoch < num_epochs:
