@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--set", "--param", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
       help="fix a config key for every trial (value as JSON, else text), e.g. --set num_epochs=3")
     a("--experiment-name", default=None, help="MLflow experiment (default: the study name)")
+    a("--no-plots", dest="plots", action="store_false", help="skip the study's figures at the end")
     a("--show-best", action="store_true", help="print the study's best config as JSON and exit")
     return p
 
@@ -87,7 +88,8 @@ def parse_options(argv=None):
         objective=args.objective, iw_k=args.iw_k, multi_objective=args.multi_objective,
         population_size=args.population_size, preset=args.preset, beta_range=args.beta_range,
         latent_dims=args.latent_dims, lr_range=args.lr_range, search=_pairs(args.search, "--search"),
-        fixed=fixed, experiment_name=args.experiment_name, threads=args.threads)
+        fixed=fixed, experiment_name=args.experiment_name, threads=args.threads,
+        plots=args.plots)
     return opts, args
 
 

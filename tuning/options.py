@@ -57,6 +57,7 @@ class SweepOptions:
     experiment_name: str = ""  # MLflow experiment; default: the study name
     threads: int | None = None  # torch threads per worker process
     trials_dir: str = ""  # trial run folders (checkpoints) go under here
+    plots: bool = True  # draw the study's figures at the end
 
     @property
     def metric(self) -> str:
@@ -104,7 +105,7 @@ def make_options(*, study_name: str = "vae-sweep", storage: str | None = None, n
                  objective: str = "nelbo", iw_k: int = 5, multi_objective: bool = False, population_size: int = 20,
                  preset: str = "small", beta_range=None, latent_dims=None, lr_range=None,
                  search: Mapping[str, str] | None = None, fixed: Mapping[str, Any] | None = None,
-                 experiment_name: str | None = None, threads: int | None = None) -> SweepOptions:
+                 experiment_name: str | None = None, threads: int | None = None, plots: bool = True) -> SweepOptions:
     """Build and check a sweep's options. Raises :class:`SweepError` (one line) on bad input."""
     fixed, search = dict(fixed or {}), dict(search or {})
     _check_choice("preset", preset, PRESETS)
@@ -140,7 +141,7 @@ def make_options(*, study_name: str = "vae-sweep", storage: str | None = None, n
         pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
         objective=objective, iw_k=iw_k, multi_objective=multi_objective, population_size=population_size,
         space=space, base_config=base, experiment_name=experiment_name or study_name, threads=threads,
-        trials_dir=str(optuna_dir() / study_name / "trials"))
+        trials_dir=str(optuna_dir() / study_name / "trials"), plots=bool(plots))
 
 
 def _build_space(base, beta_range, latent_dims, lr_range, search, fixed) -> dict[str, ParamSpec]:
@@ -175,11 +176,11 @@ def _check_storage(url: str, n_workers: int) -> str:
     try:
         parsed = make_url(url)
         parsed.get_dialect()
+    except NoSuchModuleError:  # a subclass of ArgumentError: first
+        raise SweepError(f"--storage {redact(url)}: unknown database driver {parsed.drivername!r}") from None
     except ArgumentError:
         raise SweepError(f"--storage {url!r}: not a database URL (e.g. sqlite:///optuna/studies.db, "
                          f"postgresql+psycopg://user@host/db, journal:optuna/studies.log)") from None
-    except NoSuchModuleError:
-        raise SweepError(f"--storage {redact(url)}: unknown database driver {parsed.drivername!r}") from None
     except ImportError as e:
         raise SweepError(f"--storage {redact(url)}: its driver is not installed ({e})") from None
     if parsed.get_backend_name() == "sqlite":

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -43,9 +45,9 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     """
     started, t0 = dt.datetime.now(), time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines replace Optuna's INFO lines
-    study = open_study(opts, create=True)
     cfg = validate_config(opts.base_config)
     data = load_dataset(cfg.data.data_dir, cfg.data.dataset)  # fail now, not in every trial
+    study = open_study(opts, create=True)
     client = tracking.get_client()
     exp_id, parent = runs.start_parent_run(client, opts)
     link = runs.run_link(client, exp_id, parent)
@@ -65,8 +67,10 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
         raise
     summary = _summarise(study, opts, started, time.perf_counter() - t0, exp_id, parent, link)
     summary["interrupted"] = status == "KILLED"
-    plots = save_study_plots(study, optuna_dir() / opts.study_name / "plots", opts.metrics,
-                             str(opts.base_config.get("loss_type", "vae")))
+    plots = {}
+    if opts.plots:
+        plots = save_study_plots(study, optuna_dir() / opts.study_name / "plots", opts.metrics,
+                                 str(opts.base_config.get("loss_type", "vae")))
     summary["plots"] = plots
     runs.log_summary(client, parent, summary, plots, summary["best_config_path"], status)
     _print_summary(summary)
@@ -102,17 +106,18 @@ def run_worker(opts: SweepOptions, *, worker: int, n_trials: int, exp_id: str, p
 
 def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
     """Split the trials over ``n_workers`` processes (torch threads: cores / workers each)."""
-    import os
-
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.n_workers)
     spec = json.loads(opts.to_json())
     spec["threads"] = threads
+    # Workers import the very code this process runs, installed or not.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     procs = []
     for w in range(opts.n_workers):
         share = opts.n_trials // opts.n_workers + (w < opts.n_trials % opts.n_workers)
         cmd = [sys.executable, "-m", "tuning.worker", "--worker", str(w), "--n-trials", str(share),
                "--exp-id", exp_id, "--parent-run-id", parent_run_id, "--options", json.dumps(spec)]
-        procs.append(subprocess.Popen(cmd))
+        procs.append(subprocess.Popen(cmd, env=env))
     try:
         codes = [p.wait() for p in procs]
     except BaseException:  # Ctrl-C or SIGTERM here: let every worker stop its trial cleanly
