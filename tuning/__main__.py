@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m tuning", description="Optuna sweep of the VAE (β, latent dim, lr).")
     a = p.add_argument
     a("--study-name", default="vae-sweep", help="Optuna study (and default MLflow experiment) name")
-    a("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default sqlite:///optuna/studies.db)")
+    a("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default $VAE_OPTUNA_STORAGE, else sqlite:///optuna/studies.db)")
     a("--n-trials", type=int, default=20, help="trials to add to the study in this run (default 20)")
     a("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     a("--n-workers", type=int, default=1, help="worker processes on the study (default 1)")

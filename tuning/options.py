@@ -86,8 +86,9 @@ def optuna_dir() -> Path:
 
 
 def default_storage() -> str:
-    """The embedded default: ``sqlite:///<optuna_dir>/studies.db``."""
-    return f"sqlite:///{optuna_dir() / 'studies.db'}"
+    """``$VAE_OPTUNA_STORAGE`` (a shared study store, e.g. PostgreSQL: see scripts/stack.sh), else
+    the embedded default ``sqlite:///<optuna_dir>/studies.db``."""
+    return os.environ.get("VAE_OPTUNA_STORAGE") or f"sqlite:///{optuna_dir() / 'studies.db'}"
 
 
 def redact(url: str) -> str:
