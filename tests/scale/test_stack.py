@@ -33,8 +33,9 @@ def tiny_sweep_args(data_dir: Path) -> list[str]:
 def run_sweep(stack, tmp_path: Path, study: str, n_trials: int, n_workers: int, data_dir: Path):
     env = {**stack.client_env(), "VAE_OPTUNA_DIR": str(tmp_path / "optuna"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "tuning", "--study-name", study, "--storage", stack.optuna_url,
-           "--n-trials", str(n_trials), "--n-workers", str(n_workers), *tiny_sweep_args(data_dir)]
+    # No --storage and no tracking URI on the command line: the stack's env file is the whole setup.
+    cmd = [sys.executable, "-m", "tuning", "--study-name", study, "--n-trials", str(n_trials),
+           "--n-workers", str(n_workers), *tiny_sweep_args(data_dir)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
