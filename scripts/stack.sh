@@ -12,11 +12,16 @@
 #   scripts/stack.sh status                            what runs, and the URLs
 #   scripts/stack.sh env                               the env file: `source .stack/env` (or eval "$(... env)")
 #
-# Settings (environment): STACK_DIR, STACK_HOST (127.0.0.1), STACK_MLFLOW_PORT (5001),
-# STACK_PREFECT_PORT (4201), STACK_WORKERS (2), STACK_POOL (the work pool of prefect.yaml, else
-# vae-process), STACK_PG (postgresql+psycopg://postgres@127.0.0.1:5432: the server, no database),
-# STACK_DB_PREFIX (vae: databases vae_mlflow, vae_optuna, vae_prefect), STACK_PREFECT_DB (sqlite |
-# postgres), STACK_MLFLOW_WORKERS (1), PY (.venv/bin/python).
+# Settings (environment):
+#   STACK_DIR (.stack)               all state
+#   STACK_HOST (127.0.0.1)           interface the servers bind (0.0.0.0: other machines too)
+#   STACK_ADVERTISE_HOST             host written to the env file (STACK_HOST; `hostname -f` for 0.0.0.0)
+#   STACK_MLFLOW_PORT (5001), STACK_PREFECT_PORT (4201), STACK_MLFLOW_WORKERS (1)
+#   STACK_WORKERS (2), STACK_POOL    Prefect workers and their pool (prefect.yaml's, else vae-process)
+#   STACK_PG (postgresql+psycopg://postgres@127.0.0.1:5432)   the PostgreSQL server, no database
+#   STACK_DB_PREFIX (vae)            databases <prefix>_mlflow, <prefix>_optuna[, <prefix>_prefect]
+#   STACK_PREFECT_DB (sqlite)        sqlite (in STACK_DIR) or postgres (asyncpg) for the Prefect server
+#   PY (.venv/bin/python)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,8 +46,10 @@ pool_from_prefect_yaml() {  # the first `work_pool: name:` in prefect.yaml, if a
 STACK_POOL=${STACK_POOL:-$(pool_from_prefect_yaml)}
 STACK_POOL=${STACK_POOL:-vae-process}
 
-MLFLOW_URL="http://$STACK_HOST:$STACK_MLFLOW_PORT"
-PREFECT_URL="http://$STACK_HOST:$STACK_PREFECT_PORT/api"
+# The host clients use: STACK_HOST, or this machine's name when the services bind every interface.
+STACK_ADVERTISE_HOST=${STACK_ADVERTISE_HOST:-$([ "$STACK_HOST" = 0.0.0.0 ] && hostname -f || echo "$STACK_HOST")}
+MLFLOW_URL="http://$STACK_ADVERTISE_HOST:$STACK_MLFLOW_PORT"
+PREFECT_URL="http://$STACK_ADVERTISE_HOST:$STACK_PREFECT_PORT/api"
 PG_OPTUNA="$STACK_PG/${STACK_DB_PREFIX}_optuna"
 PG_MLFLOW="$STACK_PG/${STACK_DB_PREFIX}_mlflow"
 PG_PREFECT="${STACK_PG/+psycopg/+asyncpg}/${STACK_DB_PREFIX}_prefect"
@@ -280,5 +287,5 @@ case ${1:-} in
   down) shift; cmd_down "$@" ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
