@@ -114,3 +114,20 @@ def test_vae_readme_cli_blocks_run_as_written(snippet_env):
         pytest.skip(f"{VAE_README} is absent or has no bash blocks")
     _run_bash_blocks(blocks, snippet_env, {"PYTHONPATH": str(REPO)})
     assert list(snippet_env.glob("checkpoints/*/best_model.pth"))
+
+
+def test_vae_readme_lists_every_config_key_with_its_default(monkeypatch):
+    from vae.config import get_default_config
+
+    monkeypatch.delenv("VAE_DATA_DIR", raising=False)
+    text = VAE_README.read_text()
+    section = text[text.index("## Configuration"):text.index("## Training")]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.MULTILINE)
+    documented = dict(rows)
+
+    def shown(value):
+        if isinstance(value, list):
+            return " ".join(map(str, value))
+        return repr(value) if isinstance(value, str) else str(value)
+
+    assert documented == {key: shown(value) for key, value in get_default_config().items()}
