@@ -1,0 +1,152 @@
+"""vae.utils: EMA, checkpoints (atomic, weights_only), optimiser groups, LR schedules, seeding."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vae.model import VAE
+from vae.utils import (CHECKPOINT_FORMAT, EMA, CheckpointError, create_lr_scheduler, create_optimizer, get_device,
+                       gradient_clip, load_checkpoint, load_model, save_checkpoint, set_seed)
+
+
+def test_ema_follows_the_weights_with_warm_up_decay():
+    model = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # first update: decay = min(0.9, 2/11)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(1 - 2 / 11)
+
+
+def test_ema_copies_buffers_and_never_trains():
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, decay=0.99)
+    model.running_mean.fill_(5.0)
+    ema.update(model)
+    assert torch.equal(ema.module.running_mean, model.running_mean)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+
+
+def test_ema_state_dict_round_trips():
+    model = nn.Linear(2, 2)
+    a = EMA(model, 0.9)
+    a.update(model)
+    b = EMA(nn.Linear(2, 2), 0.5)
+    b.load_state_dict(a.state_dict())
+    assert b.decay == 0.9 and b.num_updates == 1
+    torch.testing.assert_close(b.module.weight, a.module.weight)
+
+
+def test_checkpoint_round_trips_plain_data(tmp_path):
+    state = {"epoch": 3, "weights": torch.arange(4.0), "config": {"hidden_dims": [8, 16]}}
+    path = save_checkpoint(state, tmp_path / "run" / "last.pth")
+    loaded = load_checkpoint(path)
+    assert loaded["format"] == CHECKPOINT_FORMAT and loaded["epoch"] == 3 and loaded["config"]["hidden_dims"] == [8, 16]
+    assert torch.equal(loaded["weights"], torch.arange(4.0))
+
+
+def test_checkpoint_write_leaves_no_temporary_files(tmp_path):
+    save_checkpoint({"a": 1}, tmp_path / "x.pth")
+    save_checkpoint({"a": 2}, tmp_path / "x.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pth"]
+    assert load_checkpoint(tmp_path / "x.pth")["a"] == 2
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
+    save_checkpoint({"a": 1}, tmp_path / "x.pth")
+    with pytest.raises(Exception):
+        save_checkpoint({"a": lambda: None}, tmp_path / "x.pth")  # cannot be pickled
+    assert load_checkpoint(tmp_path / "x.pth")["a"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pth"]
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*none.pth"):
+        load_checkpoint(tmp_path / "none.pth")
+
+
+def test_foreign_dict_is_not_a_vae_checkpoint(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a vae checkpoint"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+def test_newer_checkpoint_format_is_refused(tmp_path):
+    torch.save({"format": CHECKPOINT_FORMAT + 1}, tmp_path / "new.pth")
+    with pytest.raises(CheckpointError, match="newer than this code"):
+        load_checkpoint(tmp_path / "new.pth")
+
+
+def test_load_model_rebuilds_the_vae_with_ema_weights(trained_checkpoint):
+    model, state = load_model(trained_checkpoint)
+    assert isinstance(model, VAE) and not model.training and model.latent_dim == 4
+    torch.testing.assert_close(model.state_dict()["fc_mu.weight"], state["ema_state"]["module"]["fc_mu.weight"])
+    raw, _ = load_model(trained_checkpoint, use_ema=False)
+    torch.testing.assert_close(raw.state_dict()["fc_mu.weight"], state["model_state"]["fc_mu.weight"])
+
+
+def test_optimizer_does_not_decay_biases_and_norms():
+    opt = create_optimizer(VAE(hidden_dims=[4], latent_dim=2), 1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.ndim > 1 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+
+
+def _lrs(kind, total, warmup=0):
+    """The learning rate of steps 0..total (base rate 1)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = create_lr_scheduler(opt, kind, total, warmup)
+    out = []
+    for _ in range(total + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_schedule_decays_from_1_to_1_percent():
+    lrs = _lrs("cosine", 100)
+    assert lrs[0] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.01)
+    assert lrs[50] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_step_schedule_drops_tenfold_at_thirds():
+    lrs = _lrs("step", 90)
+    assert lrs[0] == lrs[29] == 1.0 and lrs[31] == lrs[59] == pytest.approx(0.1) and lrs[61] == pytest.approx(0.01)
+
+
+def test_warm_up_is_linear():
+    assert _lrs("constant", 10, warmup=4)[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_gradient_clip_limits_the_norm_and_zero_disables():
+    p = nn.Parameter(torch.zeros(3))
+    model = nn.Module()
+    model.p = p
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert gradient_clip(model, 0) is None and float(p.grad.norm()) == 5.0
+    assert float(gradient_clip(model, 1.0)) == pytest.approx(5.0)
+    assert float(p.grad.norm()) == pytest.approx(1.0)
+
+
+def test_set_seed_seeds_python_numpy_and_torch():
+    set_seed(3)
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_seed(3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_get_device_picks_cpu_when_asked_and_refuses_missing_cuda():
+    assert get_device("cpu") == torch.device("cpu")
+    assert get_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            get_device("cuda")
