@@ -1,0 +1,121 @@
+"""The vae-training flow, run for real on tiny data: what MLflow and Prefect hold afterwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines import registry, tracking
+from pipelines.training import vae_training
+from tests.pipelines.conftest import FAST_EVAL, prefect_artifact, task_runs, tiny_overrides_for
+
+FIGURES = ("reconstructions", "prior_samples", "latent_grid", "traversals", "interpolations", "loss_curves")
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_harness, module_store, tiny_data_dir, tmp_path_factory):
+    """Two flow runs into one store: 2 epochs, then 1 epoch (same data: the data task is cached)."""
+    overrides = tiny_overrides_for(tiny_data_dir, tmp_path_factory.mktemp("checkpoints"))
+    first = vae_training(overrides=overrides, **FAST_EVAL, return_state=True)
+    second = vae_training(overrides={**overrides, "num_epochs": 1}, **FAST_EVAL, return_state=True)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def out(runs):
+    return runs[0].result()
+
+
+@pytest.fixture(scope="module")
+def run(out, module_client):
+    return module_client.get_run(out["run_id"])
+
+
+def test_flow_runs_complete_in_prefect(runs):
+    assert [s.type.value for s in runs] == ["COMPLETED", "COMPLETED"]
+
+
+def test_params_are_flat_config_keys_named_by_section(run):
+    params = run.data.params
+    assert params["model.latent_dim"] == "4"
+    assert params["model.hidden_dims"] == "[8, 16]"
+    assert params["train.num_epochs"] == "2"
+    assert params["loss.beta_end"] == "1.0"
+    assert params["data.dataset"] == "mnist"
+
+
+def test_metrics_are_logged_once_per_epoch(run, module_client):
+    for key in ("train/loss", "train/recon", "train/kl", "train/beta", "train/lr", "train/images_per_s",
+                "val/nelbo", "val/loss"):
+        history = module_client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+
+
+def test_test_metrics_of_the_evaluation_are_logged(run, out):
+    metrics = run.data.metrics
+    assert metrics["test/iw_nll_k8"] == pytest.approx(out["metrics"]["test/iw_nll_k8"])
+    assert metrics["test/nelbo"] == pytest.approx(out["metrics"]["test/nelbo"])
+    assert out["score_key"] == "test/iw_nll_k8"
+    assert np.isfinite(metrics["test/iw_nll_k8"])
+
+
+def test_tags_name_commit_dataset_device_torch_and_flow_run(run, out, runs):
+    tags = run.data.tags
+    assert tags[tracking.TAG_DATASET_DIGEST] == out["data_digest"]
+    assert tags[tracking.TAG_FLOW_RUN_ID] == str(runs[0].state_details.flow_run_id)
+    assert tags[tracking.TAG_DEVICE] == "cpu"
+    assert tags[tracking.TAG_RUN_KIND] == "training"
+    assert tags[tracking.TAG_TORCH_VERSION]
+    assert len(tags[tracking.TAG_GIT_COMMIT].split("+")[0]) in (40, len("unknown"))
+
+
+def test_dataset_is_the_run_input_with_its_digest(run, out):
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "mnist"
+    assert out["data_digest"].startswith(inp.dataset.digest)
+
+
+def test_figures_and_checkpoints_are_artifacts_under_stable_paths(run, module_client):
+    figures = {a.path for a in module_client.list_artifacts(run.info.run_id, "figures")}
+    assert {f"figures/{name}.png" for name in FIGURES} <= figures
+    checkpoints = {a.path for a in module_client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/best_model.pth", "checkpoints/config.json", "checkpoints/metrics.jsonl"} <= checkpoints
+
+
+def test_mlflow_run_is_finished(run):
+    assert run.info.status == "FINISHED"
+
+
+def test_model_is_registered_and_loads_back_as_a_vae(out, module_client):
+    version = module_client.get_model_version(tracking.MODEL_NAME, out["model_version"]["version"])
+    assert version.run_id == out["run_id"]
+    vae = registry.load_vae(registry.model_uri(version), module_client)
+    assert type(vae).__name__ == "VAE" and vae.latent_dim == 4 and not vae.training
+    assert registry.version_config(module_client, version)["hidden_dims"] == [8, 16]
+
+
+def test_registered_model_has_signature_input_example_and_predicts(out, module_client):
+    model = registry.load_pyfunc(out["model_version"]["uri"], module_client)
+    assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
+    assert model.metadata.saved_input_example_info is not None
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    assert model.predict(x).shape == (3, 1, 28, 28)
+    assert model.predict(x, params={"output": "latent_mean"}).shape == (3, 4)
+
+
+def test_summary_is_a_prefect_markdown_artifact_linking_the_run(runs):
+    artifact = prefect_artifact("vae-training-summary")
+    second_run_id = runs[1].result()["run_id"]
+    assert artifact.type == "markdown"
+    assert second_run_id in artifact.data and "test/iw_nll_k8" in artifact.data
+
+
+def test_second_run_reuses_the_cached_data_and_takes_the_challenger_alias(runs, module_client):
+    first, second = (s.result() for s in runs)
+    tasks = task_runs(str(runs[1].state_details.flow_run_id))
+    assert tasks["prepare-data"].state.name == "Cached"
+    assert second["data_digest"] == first["data_digest"]
+    assert module_client.get_model_version_by_alias(tracking.MODEL_NAME, "challenger").version == \
+        second["model_version"]["version"]
+    versions = module_client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # nothing deleted
