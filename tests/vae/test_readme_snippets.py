@@ -1,4 +1,5 @@
-"""Every code block of the seed README (../shared/seed/vae-README.md) and of vae/README.md runs as written.
+"""Every code block of the seed README (../shared/seed/vae-README.md) and of vae/README.md runs as written,
+and so does every python block of the `library` section of README.md.
 
 How a block runs:
 - In a fresh temporary working directory, with ``VAE_FAST_DEV_RUN=2`` (any training is one epoch of
@@ -29,20 +30,28 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SEED_README = REPO.parent / "shared" / "seed" / "vae-README.md"
 VAE_README = REPO / "vae" / "README.md"
+MAIN_README = REPO / "README.md"  # only the python blocks of its `library` section
 PLACEHOLDER = "path/to/model.pth"
 _BLOCK = re.compile(r"^```(\w+)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
-def _blocks(readme: Path, lang: str) -> list[tuple[int, str]]:
-    """(first line number, code) of each ```lang block."""
+def _blocks(readme: Path, lang: str, section: str | None = None) -> list[tuple[int, str]]:
+    """(first line number, code) of each ```lang block, only between a section's markers if given."""
     if not readme.is_file():
         return []
     text = readme.read_text()
-    return [(text.count("\n", 0, m.start()) + 2, m.group(2)) for m in _BLOCK.finditer(text) if m.group(1) == lang]
+    start, end = 0, len(text)
+    if section is not None:
+        start = text.index(f"<!-- section:{section} -->")
+        end = text.index(f"<!-- /section:{section} -->")
+    return [(text.count("\n", 0, m.start()) + 2, m.group(2)) for m in _BLOCK.finditer(text, start, end)
+            if m.group(1) == lang]
 
 
 def _python_cases():
     cases = []
+    for line, code in _blocks(MAIN_README, "python", section="library"):
+        cases.append(pytest.param(MAIN_README, code, id=f"README.md#library:{line}", marks=[pytest.mark.slow]))
     for readme in (SEED_README, VAE_README):
         for line, code in _blocks(readme, "python"):
             trains = any(word in code for word in (".train()", "train_vae_example("))
