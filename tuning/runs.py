@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from tuning.options import SweepOptions, redact
 
-__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "log_summary", "run_link", "TAG_TRIAL_STATE"]
+__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "log_summary", "TAG_TRIAL_STATE"]
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_STUDY = "optuna.study_name"
@@ -80,10 +80,3 @@ def log_summary(client: MlflowClient, run_id: str, summary: Mapping[str, Any], p
     if best_config_path:
         client.log_artifact(run_id, best_config_path)
     client.set_terminated(run_id, status=status)
-
-
-def run_link(client: MlflowClient, exp_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or the local UI started as the README says."""
-    uri = client.tracking_uri
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"

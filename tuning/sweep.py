@@ -50,7 +50,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     study = open_study(opts, create=True)
     client = tracking.get_client()
     exp_id, parent = runs.start_parent_run(client, opts)
-    link = runs.run_link(client, exp_id, parent)
+    link = tracking.run_link(client, exp_id, parent)
     print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage)}; "
           f"{opts.n_trials} more on {opts.n_workers} worker(s); MLflow run {link}", flush=True)
     status = "FINISHED"
