@@ -116,8 +116,11 @@ def start_run(config: dict[str, Any], data_ref: dict[str, Any], run_kind: str, f
 
 
 @task(name="finish-run", cache_policy=NO_CACHE, **RETRY)
-def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    tracking.get_client().set_terminated(run_id, status=status)
+def finish_run(run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    client = tracking.get_client()
+    if reason:  # a FAILED run says why, in MLflow itself
+        client.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 @task(name="train", cache_policy=NO_CACHE, **RETRY)

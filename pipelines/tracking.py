@@ -14,8 +14,10 @@ logs through ``MlflowClient`` with an explicit run id, never the fluent ``mlflow
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,6 +38,7 @@ TAG_CHECKPOINT_DIR = "checkpoint_dir"
 # The retraining decision, set on the challenger's run (and its model version).
 TAG_DECISION = "retrain.decision"  # promoted | kept
 TAG_DECISION_REASON = "retrain.reason"
+TAG_FAILURE_REASON = "failure_reason"  # why a FAILED run failed: "<Error>: <message>"
 TAG_CHALLENGER_SCORE = "retrain.challenger_score"
 TAG_CHAMPION_SCORE = "retrain.champion_score"
 TAG_SCORE_METRIC = "retrain.score_metric"
@@ -59,11 +62,39 @@ def is_local_store(uri: str | None = None) -> bool:
     return (uri or tracking_uri()).startswith("sqlite:///")
 
 
+class TrackingUnavailableError(ConnectionError):
+    """The configured MLflow tracking server does not answer (raised at once, not after minutes)."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an http(s) tracking server is down: MLflow's own retries take minutes.
+
+    Raises:
+        TrackingUnavailableError: naming the server and what to do.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({e.strerror or e}); start it, or unset "
+            f"MLFLOW_TRACKING_URI to use the local store") from None
+
+
 def get_client() -> MlflowClient:
-    """A client on :func:`tracking_uri` (the registry lives in the same store)."""
+    """A client on :func:`tracking_uri` (the registry lives in the same store).
+
+    Raises:
+        TrackingUnavailableError: ``MLFLOW_TRACKING_URI`` names a server that does not answer.
+    """
     uri = tracking_uri()
     if is_local_store(uri):
         local_store_dir().mkdir(parents=True, exist_ok=True)
+    else:
+        check_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

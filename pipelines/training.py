@@ -70,8 +70,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         figures = tasks.figures(best, config, data_ref, run, result["history"], metrics)
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
         version = tasks.register(best, config, run["run_id"], score) if register else None
-    except BaseException:
-        tasks.finish_run(run["run_id"], "FAILED")
+    except BaseException as e:
+        tasks.finish_run(run["run_id"], "FAILED", f"{type(e).__name__}: {e}")
         raise
     tasks.finish_run(run["run_id"], "FINISHED")
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),

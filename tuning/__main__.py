@@ -94,6 +94,7 @@ def parse_options(argv=None):
 
 
 def main(argv=None) -> int:
+    from pipelines.tracking import TrackingUnavailableError
     from vae.data import DataError
 
     try:
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         from tuning.sweep import run_sweep
 
         summary = run_sweep(opts)
-    except (SpaceError, ConfigError, DataError) as e:
+    except (SpaceError, ConfigError, DataError, TrackingUnavailableError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 130 if summary.get("interrupted") else 0
