@@ -55,11 +55,12 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
           f"{opts.n_trials} more on {opts.n_workers} worker(s); MLflow run {link}", flush=True)
     status = "FINISHED"
     try:
-        if opts.n_workers == 1:
-            run_worker(opts, worker=0, n_trials=opts.n_trials, exp_id=exp_id, parent_run_id=parent, data=data)
-        else:
-            del data
-            _run_workers(opts, exp_id, parent)
+        with _sigterm_as_interrupt():  # SIGTERM, like Ctrl-C, ends the sweep cleanly (and its workers)
+            if opts.n_workers == 1:
+                run_worker(opts, worker=0, n_trials=opts.n_trials, exp_id=exp_id, parent_run_id=parent, data=data)
+            else:
+                del data
+                _run_workers(opts, exp_id, parent)
     except (SweepInterrupted, KeyboardInterrupt):
         status = "KILLED"
     except BaseException:
