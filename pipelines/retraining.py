@@ -99,7 +99,7 @@ def decide(challenger: float, champion: dict[str, Any] | None, key: str) -> tupl
 def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote: bool, reason: str) -> dict[str, Any]:
     """Move ``champion`` (if promoted) and record the decision on the run, the version and in Prefect."""
     client = tracking.get_client()
-    version, key, challenger = run["model_version"]["version"], run["score_key"], run["metrics"][run["score_key"]]
+    version, key, challenger = str(run["model_version"]["version"]), run["score_key"], run["metrics"][run["score_key"]]
     champion_score = champion["score"] if champion and champion["score"] is not None else float("nan")
     tags = {tracking.TAG_DECISION: "promoted" if promote else "kept", tracking.TAG_DECISION_REASON: reason,
             tracking.TAG_SCORE_METRIC: key, tracking.TAG_CHALLENGER_SCORE: f"{challenger:.6f}",
@@ -125,14 +125,15 @@ def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote
 @flow(name="vae-retraining", log_prints=True)
 def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study_name: str | None = None,
                    preset: str = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
-                   eval_max_images: int = 0, eval_probe: bool = True, eval_fid: bool = True) -> dict[str, Any]:
+                   eval_max_images: int = 0, eval_probe: bool = True, eval_fid: bool = True,
+                   figures: bool = True) -> dict[str, Any]:
     """Retrain from the champion's (or the best trial's) config; promote only a better model.
 
     Args:
         source: 'champion' (its config; ``preset`` when there is no champion) or 'best_trial'.
         study_name: the Optuna study for 'best_trial' (default: the newest).
         overrides: config keys changed from the base config (e.g. ``{"num_epochs": 20}``).
-        iw_k, eval_max_images, eval_probe, eval_fid: as in ``vae-training``; the score is
+        iw_k, eval_max_images, eval_probe, eval_fid, figures: as in ``vae-training``; the score is
             ``test/iw_nll_k{iw_k}`` of both models on the same test images.
     Returns:
         decision, reason, both versions and scores, and the challenger's run id.
@@ -146,7 +147,7 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     config = validate_config({**base, **(overrides or {})}).to_dict()
     print(f"retraining from the {origin}")
     run = vae_training(preset=preset, overrides=config, iw_k=iw_k, eval_max_images=eval_max_images,
-                       eval_probe=eval_probe, eval_fid=eval_fid, run_kind="retraining")
+                       eval_probe=eval_probe, eval_fid=eval_fid, figures=figures, run_kind="retraining")
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
     champion = score_champion(data_ref, config, iw_k, eval_max_images)
     promote, reason = decide(run["metrics"][run["score_key"]], champion, run["score_key"])

@@ -5,8 +5,8 @@
 - ``start_run`` / ``finish_run``: the MLflow run (params, tags, dataset input) around the rest.
 - ``train``: :class:`vae.train.VAETrainer` with :class:`pipelines.tracking.MLflowCallback`.
 - ``evaluate``: :func:`vae.evaluate.evaluate` on the test set; metrics to the run.
-- ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``, and a Prefect
-  markdown artifact summarising the run.
+- ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``.
+- ``summary``: a Prefect markdown artifact summarising the run (metrics table, MLflow link).
 - ``register``: :func:`pipelines.registry.log_and_register`.
 
 Tasks retry on transient I/O errors (``OSError``) only: a bad config or bad data fails at once.
@@ -191,25 +191,31 @@ FIGURES_DIR = "figures"  # artifact folder: figures/<name>.png, the same in ever
 
 
 @task(name="figures", cache_policy=NO_CACHE, **RETRY)
-def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], run: dict[str, str],
-            history: list[dict[str, Any]], metrics: dict[str, float]) -> dict[str, str]:
-    """Log every figure under ``figures/`` of the run; publish a markdown summary in Prefect."""
+def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], run_id: str,
+            history: list[dict[str, Any]]) -> dict[str, str]:
+    """Write every figure and log it under ``figures/`` of the run; returns {name: artifact path}."""
     cfg = validate_config(config)
     model, _ = load_model(model_path, get_device(cfg.run.device))
-    client = tracking.get_client()
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_figures(model, load_data(data_ref), history, Path(tmp), cfg)
-        client.log_artifacts(run["run_id"], tmp, FIGURES_DIR)
-    logged = {name: f"{FIGURES_DIR}/{Path(p).name}" for name, p in paths.items()}
-    create_markdown_artifact(key="vae-training-summary", markdown=summary_markdown(client, run, cfg, metrics, logged),
+        tracking.get_client().log_artifacts(run_id, tmp, FIGURES_DIR)
+    return {name: f"{FIGURES_DIR}/{Path(p).name}" for name, p in paths.items()}
+
+
+@task(name="summary", cache_policy=NO_CACHE, **RETRY)
+def summary(run: dict[str, str], config: dict[str, Any], metrics: dict[str, float], figures: dict[str, str]) -> str:
+    """Publish the run's summary (metrics table, MLflow link, figures) as a Prefect markdown artifact."""
+    cfg = validate_config(config)
+    markdown = summary_markdown(tracking.get_client(), run, cfg, metrics, figures)
+    create_markdown_artifact(key="vae-training-summary", markdown=markdown,
                              description=f"VAE training run {run['run_id']}")
-    return logged
+    return markdown
 
 
 def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float], figures: dict[str, str]) -> str:
     link = tracking.run_link(client, run["experiment_id"], run["run_id"])
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
-    figs = ", ".join(f"`{p}`" for p in figures.values())
+    figs = ", ".join(f"`{p}`" for p in figures.values()) or "none (figures were off)"
     return (f"# VAE training run `{run['run_name']}`\n\n"
             f"MLflow run: [{run['run_id']}]({link}) (experiment `{cfg.run.experiment_name}`)\n\n"
             f"| metric | value |\n|---|---|\n{rows}\n\nFigures (MLflow artifacts): {figs}\n")

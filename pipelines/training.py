@@ -54,7 +54,7 @@ def check_eval_options(iw_k: int, eval_max_images: int) -> None:
 
 
 def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_probe: bool, eval_fid: bool,
-                 register: bool, run_kind: str) -> dict[str, Any]:
+                 write_figures: bool, register: bool, run_kind: str) -> dict[str, Any]:
     """The steps, in order, for a validated config; shared by the training and retraining flows."""
     check_eval_options(iw_k, eval_max_images)
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
@@ -67,7 +67,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         best = result["best_model_path"]
         metrics = tasks.evaluate(best, config, data_ref, run["run_id"], k=iw_k, max_test_images=eval_max_images,
                                  probe=eval_probe, fid=eval_fid)
-        figures = tasks.figures(best, config, data_ref, run, result["history"], metrics)
+        figures = tasks.figures(best, config, data_ref, run["run_id"], result["history"]) if write_figures else {}
+        tasks.summary(run, config, metrics, figures)
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
         version = tasks.register(best, config, run["run_id"], score) if register else None
     except BaseException as e:
@@ -86,8 +87,8 @@ def vae_training(preset: Preset = "small", num_epochs: int | None = None, latent
                  batch_size: int | None = None, dataset: str | None = None, data_dir: str | None = None,
                  max_train_samples: int | None = None, experiment_name: str | None = None,
                  overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K, eval_max_images: int = 0,
-                 eval_probe: bool = True, eval_fid: bool = True, register_model: bool = True,
-                 run_kind: str = "training") -> dict[str, Any]:
+                 eval_probe: bool = True, eval_fid: bool = True, figures: bool = True,
+                 register_model: bool = True, run_kind: str = "training") -> dict[str, Any]:
     """Train, evaluate, log and register one VAE.
 
     Args:
@@ -97,6 +98,7 @@ def vae_training(preset: Preset = "small", num_epochs: int | None = None, latent
         iw_k: importance samples of the test IW bound ``test/iw_nll_k{iw_k}`` (the registry's score).
         eval_max_images: evaluate on the first N test images only (0 = all 10,000).
         eval_probe, eval_fid: compute the linear probe and the classifier FID.
+        figures: write the figures (``figures/*.png`` in the run).
         register_model: log and register the model (``challenger``).
     Returns:
         run id, experiment id, model version, test metrics, figure paths, config.
@@ -106,7 +108,7 @@ def vae_training(preset: Preset = "small", num_epochs: int | None = None, latent
                           learning_rate=learning_rate, batch_size=batch_size, dataset=dataset, data_dir=data_dir,
                           max_train_samples=max_train_samples, experiment_name=experiment_name)
     return run_training(config, iw_k=iw_k, eval_max_images=eval_max_images, eval_probe=eval_probe,
-                        eval_fid=eval_fid, register=register_model, run_kind=run_kind)
+                        eval_fid=eval_fid, write_figures=figures, register=register_model, run_kind=run_kind)
 
 
 def build_parser() -> argparse.ArgumentParser:

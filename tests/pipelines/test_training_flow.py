@@ -115,7 +115,7 @@ def test_second_run_reuses_the_cached_data_and_takes_the_challenger_alias(runs, 
     tasks = task_runs(str(runs[1].state_details.flow_run_id))
     assert tasks["prepare-data"].state.name == "Cached"
     assert second["data_digest"] == first["data_digest"]
-    assert module_client.get_model_version_by_alias(tracking.MODEL_NAME, "challenger").version == \
+    assert str(module_client.get_model_version_by_alias(tracking.MODEL_NAME, "challenger").version) == \
         second["model_version"]["version"]
     versions = module_client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]  # nothing deleted
