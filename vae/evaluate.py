@@ -51,7 +51,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: active when Cov_x(E_q[z_u|x])
 
 # -- likelihood -------------------------------------------------------------------------------
 @torch.no_grad()
-def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, chunk: int = 2048,
+def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, chunk: int = 1024,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """log w_s = log p(x|z_s) + log p(z_s) − log q(z_s|x), z_s ~ q(z|x), s = 1..k: shape (B, k).
 
@@ -76,7 +76,7 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
 
 @torch.no_grad()
 def iw_bound(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: int = 0,
-             chunk: int = 2048) -> torch.Tensor:
+             chunk: int = 1024) -> torch.Tensor:
     """Per-image importance-weighted bound −log (1/k) Σ_s w_s ≥ −log p(x), nats, shape (N,).
 
     Computed with log-sum-exp over the k log-weights. ``batches`` yields ``(x, labels)``.
@@ -94,7 +94,7 @@ def iw_bound(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: 
 
 
 @torch.no_grad()
-def iw_nll(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: int = 0, chunk: int = 2048) -> float:
+def iw_nll(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: int = 0, chunk: int = 1024) -> float:
     """Importance-weighted bound on −log p(x) (Burda et al. 2015), mean nats per image.
 
     −log p(x) ≤ −log (1/k) Σ_s w_s; k = 1 gives a one-sample negative ELBO. See :func:`iw_bound`.
@@ -232,7 +232,7 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
              binarize: str = "none", k: int = 1000, device: str | torch.device | None = None, probe: bool = True,
              fid: bool = True, classifier: nn.Module | None = None, classifier_cache: str | Path | None = None,
              num_samples: int = 10000, max_test_images: int = 0, max_train_images: int = 0,
-             batch_size: int = 500, iw_chunk: int = 2048, seed: int = 0, prefix: str = "test") -> dict[str, float]:
+             batch_size: int = 500, iw_chunk: int = 1024, seed: int = 0, prefix: str = "test") -> dict[str, float]:
     """Every metric of a trained VAE as one flat dict of floats.
 
     Args:

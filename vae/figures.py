@@ -57,7 +57,8 @@ def plot_reconstructions(model: nn.Module, images: torch.Tensor, path: str | Pat
     model.eval()
     x = _as_float(images).to(next(model.parameters()).device)
     recon = _decode(model, model.encode(x)[0])
-    fig = _figure(10, 5.4)
+    rows = -(-len(x) // nrow)
+    fig = _figure(10, 1.2 + 5.0 * rows / nrow)
     axes = fig.subplots(1, 2)
     for ax, imgs, name in ((axes[0], x.cpu(), "originals"), (axes[1], recon, "reconstructions (decoded E[z|x])")):
         ax.imshow(_grid_image(imgs, nrow), cmap="gray", vmin=0, vmax=1)
