@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from tuning.options import SweepOptions, redact
 
-__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "log_summary", "TAG_TRIAL_STATE"]
+__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "close_orphaned_trial_runs", "log_summary",
+           "TAG_TRIAL_STATE"]
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_STUDY = "optuna.study_name"
@@ -60,6 +61,18 @@ def end_trial_run(client: MlflowClient, run_id: str, state: str, values: Mapping
     if reason:
         client.set_tag(run_id, "trial_state_reason", reason[:5000])
     client.set_terminated(run_id, status=_RUN_STATUS[state])
+
+
+def close_orphaned_trial_runs(client: MlflowClient, trials) -> int:
+    """End FAILED the runs of trials Optuna failed while their MLflow run still says RUNNING
+    (a killed worker never ends its run; the heartbeat check fails its trial). Returns how many."""
+    closed = 0
+    for t in trials:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.state.name == "FAIL" and run_id and client.get_run(run_id).info.status == "RUNNING":
+            end_trial_run(client, run_id, "failed", reason="its worker died (trial failed by Optuna's heartbeat check)")
+            closed += 1
+    return closed
 
 
 def log_summary(client: MlflowClient, run_id: str, summary: Mapping[str, Any], plots: Mapping[str, str],

@@ -49,6 +49,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     data = load_dataset(cfg.data.data_dir, cfg.data.dataset)  # fail now, not in every trial
     study = open_study(opts, create=True)
     client = tracking.get_client()
+    runs.close_orphaned_trial_runs(client, study.get_trials(deepcopy=False))
     exp_id, parent = runs.start_parent_run(client, opts)
     link = tracking.run_link(client, exp_id, parent)
     print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage)}; "
@@ -66,6 +67,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     except BaseException:
         client.set_terminated(parent, status="FAILED")
         raise
+    runs.close_orphaned_trial_runs(client, study.get_trials(deepcopy=False))  # workers killed during this sweep
     summary = _summarise(study, opts, started, time.perf_counter() - t0, exp_id, parent, link)
     summary["interrupted"] = status == "KILLED"
     plots = {}
