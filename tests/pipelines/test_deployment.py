@@ -1,0 +1,66 @@
+"""The real deployment loop on loopback: Prefect server on a free port, ``prefect deploy --all``
+from prefect.yaml, a process worker, ``prefect deployment run``, Completed, the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pipelines import tracking
+from pipelines.local_loop import LocalLoop
+from tests.pipelines.conftest import FAST_EVAL, TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, module_store):
+    """Server, pool, the three deployments and one worker; all stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("deploy-loop")
+    env = {"VAE_MLRUNS_DIR": str(module_store), "VAE_CACHE_DIR": str(tmp / "cache"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    with LocalLoop(tmp / "prefect-home", env) as loop:
+        loop.start_server()
+        loop.create_pool()
+        loop.deploy()
+        loop.start_worker()
+        yield loop
+
+
+def test_deployment_run_completes_and_its_mlflow_run_appears(loop, tiny_data_dir, tmp_path, module_client):
+    overrides = {**TINY, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(tmp_path / "checkpoints"),
+                 "experiment_name": "tiny-deployment"}
+    params = {"overrides": overrides, **FAST_EVAL, "figures": False}
+    started = loop.cli("deployment", "run", "vae-training/vae-train", "--param", "num_epochs=1",
+                       "--params", json.dumps(params))
+    assert started.returncode == 0, started.stdout + started.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    run = loop.wait_for(flow_run_id, ("COMPLETED",), timeout=400)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{loop.log('worker')[-4000:]}"
+    assert run["parameters"]["num_epochs"] == 1
+
+    exp = module_client.get_experiment_by_name("tiny-deployment")
+    (mlflow_run,) = module_client.search_runs([exp.experiment_id],
+                                              filter_string=f"tags.{tracking.TAG_FLOW_RUN_ID} = '{flow_run_id}'")
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["train.num_epochs"] == "1"
+    assert [m.step for m in module_client.get_metric_history(mlflow_run.info.run_id, "val/nelbo")] == [1]
+    version = module_client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHALLENGER)
+    assert version.run_id == mlflow_run.info.run_id
+
+
+def test_all_three_deployments_exist_and_the_nightly_one_is_scheduled(loop):
+    assert loop.deployment("vae-training", "vae-train")["work_pool_name"] == "vae-pool"
+    assert loop.deployment("vae-sweep", "vae-sweep")["work_pool_name"] == "vae-pool"
+    nightly = loop.deployment("vae-retraining", "vae-retrain-nightly")
+    (schedule,) = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert schedule["active"] and nightly["parameters"] == {"source": "champion"}
+
+
+def test_unknown_parameter_is_refused_when_the_run_is_requested(loop):
+    refused = loop.cli("deployment", "run", "vae-training/vae-train", "--param", "latnet_dim=3")
+    assert refused.returncode != 0
+    assert "latnet_dim" in refused.stdout + refused.stderr
