@@ -17,7 +17,7 @@
 #   STACK_HOST (127.0.0.1)           interface the servers bind (0.0.0.0: other machines too)
 #   STACK_ADVERTISE_HOST             host written to the env file (STACK_HOST; `hostname -f` for 0.0.0.0)
 #   STACK_MLFLOW_PORT (5001), STACK_PREFECT_PORT (4201), STACK_MLFLOW_WORKERS (1)
-#   STACK_WORKERS (2), STACK_POOL    Prefect workers and their pool (prefect.yaml's, else vae-process)
+#   STACK_WORKERS (2), STACK_POOL    Prefect workers and their pool (prefect.yaml's, else vae-pool)
 #   STACK_PG (postgresql+psycopg://postgres@127.0.0.1:5432)   the PostgreSQL server, no database
 #   STACK_DB_PREFIX (vae)            databases <prefix>_mlflow, <prefix>_optuna[, <prefix>_prefect]
 #   STACK_PREFECT_DB (sqlite)        sqlite (in STACK_DIR) or postgres (asyncpg) for the Prefect server
@@ -44,7 +44,7 @@ pool_from_prefect_yaml() {  # the first `work_pool: name:` in prefect.yaml, if a
   awk '/work_pool:/ {wp=1; next} wp && /name:/ {gsub(/["'"'"']/, "", $2); print $2; exit}' "$ROOT/prefect.yaml"
 }
 STACK_POOL=${STACK_POOL:-$(pool_from_prefect_yaml)}
-STACK_POOL=${STACK_POOL:-vae-process}
+STACK_POOL=${STACK_POOL:-vae-pool}
 
 # The host clients use: STACK_HOST, or this machine's name when the services bind every interface.
 STACK_ADVERTISE_HOST=${STACK_ADVERTISE_HOST:-$([ "$STACK_HOST" = 0.0.0.0 ] && hostname -f || echo "$STACK_HOST")}

@@ -53,8 +53,11 @@ class Stack:
     prefix: str
 
     def sh(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([str(STACK_SH), *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+        proc = subprocess.run([str(STACK_SH), *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"stack.sh {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
 
     def client_env(self) -> dict[str, str]:
         """The environment `source .stack/env` gives a client, on top of this process's."""
@@ -74,11 +77,12 @@ class Stack:
         return f"{self.env['STACK_PG']}/{self.prefix}_optuna"
 
 
-def start_stack(tmp: Path, postgres: str, *args: str) -> Stack:
+def start_stack(tmp: Path, postgres: str, *args: str, env: dict[str, str] | None = None) -> Stack:
+    """``scripts/stack.sh up ARGS`` in ``tmp/stack`` (extra ``env`` reaches the servers and workers)."""
     prefix = f"vae_t{os.getpid()}_{secrets.token_hex(3)}"
-    env = {**os.environ, "STACK_DIR": str(tmp / "stack"), "STACK_PG": postgres, "STACK_DB_PREFIX": prefix,
-           "STACK_MLFLOW_PORT": str(free_port()), "STACK_PREFECT_PORT": str(free_port()),
-           "PY": sys.executable}
+    env = {**os.environ, **(env or {}), "STACK_DIR": str(tmp / "stack"), "STACK_PG": postgres,
+           "STACK_DB_PREFIX": prefix, "STACK_MLFLOW_PORT": str(free_port()),
+           "STACK_PREFECT_PORT": str(free_port()), "PY": sys.executable}
     stack = Stack(tmp / "stack", env, prefix)
     try:
         stack.sh("up", *args)
