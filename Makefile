@@ -12,7 +12,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: help install demo test test-fast bench ui clean
+.PHONY: help install demo test test-fast bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -34,8 +34,52 @@ test: install  ## the whole test suite (tiny models and data; a few tests read t
 test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
+	@touch $@
+
+# OMP_WAIT_POLICY=PASSIVE: on a shared CPU, OpenMP threads that spin while waiting made every
+# contender several times slower (benchmarks/throughput.py; see BENCHMARKS.md). Override to compare.
+bench: install $(VENV)/.bench-installed  ## run every benchmark script in benchmarks/ (CPU; installs the bench extra)
+	@set -e; for f in benchmarks/*.py; do \
+	  case $$f in */__init__.py|*/_*) continue;; esac; \
+	  m=$${f%.py}; echo "== $$m"; OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m $${m//\//.}; \
+	done
+
 clean:  ## remove run outputs (keeps mlruns/ and .venv)
 	rm -rf checkpoints samples outputs
+
+# The local deployment loop (README, "Pipelines"): `make server` in one terminal, then
+# `make pool deploy`, `make worker` in another, then `make run-deployment` (EPOCHS=2).
+# They talk to $$PREFECT_API_URL when set (e.g. the stack's), else the server `make server` starts.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+EPOCHS ?= 2
+POOL := vae-pool
+PREFECT := $(VENV)/bin/prefect
+PREFECT_API := $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_PORT)/api)
+.PHONY: ui server pool deploy worker run-deployment retrain
+ui: install  ## MLflow UI for the pipeline store (mlruns/) on 127.0.0.1:5000 (MLFLOW_PORT=...)
+	$(PY) -m mlflow ui --backend-store-uri "$$($(PY) -c 'from pipelines.tracking import tracking_uri; print(tracking_uri())')" \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT) -w 1
+
+server: install  ## a Prefect server on 127.0.0.1:4200 (PREFECT_PORT=...; state in .prefect/)
+	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT) --analytics-off
+
+pool: install  ## create the `vae-pool` process work pool on the server
+	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) --no-prompt work-pool create $(POOL) --type process --overwrite
+
+deploy: install  ## prefect deploy --all: vae-train, vae-retrain-nightly (03:00 UTC), vae-sweep
+	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) --no-prompt deploy --all
+
+worker: install  ## a process worker on vae-pool (Ctrl-C stops it)
+	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) worker start --pool $(POOL) --type process
+
+run-deployment: install  ## run the vae-train deployment (EPOCHS=2) and wait for its final state
+	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) deployment run 'vae-training/vae-train' --param num_epochs=$(EPOCHS) --watch
+
+retrain: install  ## the vae-retraining flow once (champion's config; ARGS="--source best_trial" for the sweep's)
+	$(PY) -m pipelines.retraining $(ARGS)
 
 # Scale-out stack (scripts/stack.sh): PostgreSQL databases, MLflow server, Prefect server + workers.
 # Settings by environment or make variables: STACK_WORKERS=4 STACK_MLFLOW_PORT=5001 STACK_PREFECT_PORT=4201 ...

@@ -153,3 +153,33 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     promote, reason = decide(run["metrics"][run["score_key"]], champion, run["score_key"])
     print(("promoted: " if promote else "kept the champion: ") + reason)
     return {**apply_decision(run, champion, promote, reason), "run_id": run["run_id"], "source": origin}
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.retraining", description="Run the vae-retraining flow once.")
+    p.add_argument("--source", choices=("champion", "best_trial"), default="champion", help="base config (default: champion)")
+    p.add_argument("--study_name", default=None, help="Optuna study for --source best_trial (default: the newest)")
+    p.add_argument("--num_epochs", type=int, default=None, help="override the base config's epochs")
+    p.add_argument("--iw_k", type=int, default=DEFAULT_IW_K, help="importance samples of the test IW bound")
+    p.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N test images (0 = all)")
+    return p
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"num_epochs": args.num_epochs} if args.num_epochs is not None else None
+    out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
+                         eval_max_images=args.eval_max_images)
+    print(json.dumps({k: out[k] for k in ("decision", "reason", "challenger_version", "champion_version",
+                                          "challenger_score", "champion_score", "run_id")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from vae.train import run_cli
+
+    sys.exit(run_cli(_main))
