@@ -95,7 +95,26 @@ def get_client() -> MlflowClient:
         local_store_dir().mkdir(parents=True, exist_ok=True)
     else:
         check_reachable(uri)
+    if is_local_store(uri) and uri not in _READY_STORES:
+        client = _open_local_store_once(uri)
+        _READY_STORES.add(uri)
+        return client
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_READY_STORES: set[str] = set()  # local store URIs whose schema this process has seen ready
+
+
+def _open_local_store_once(uri: str) -> MlflowClient:
+    """Open a local store under an exclusive file lock: processes that start at once on a new
+    SQLite store would otherwise race on creating its schema (one of them crashes)."""
+    import fcntl
+
+    with open(local_store_dir() / ".schema.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates or migrates the tables
+        client.search_registered_models(max_results=1)  # and the registry's
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
