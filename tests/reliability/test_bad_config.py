@@ -127,3 +127,16 @@ def test_tuning_cli_rejects_bad_options_in_one_line(argv, needle, capsys):
     code, _, err = call_cli(cli, argv, capsys)
     assert code == 2
     assert_one_line_error(err, needle)
+
+
+def test_pipeline_cli_names_every_bad_flag_before_any_run(tmp_path, capsys, monkeypatch):
+    from pipelines.training import cli
+
+    monkeypatch.setenv("VAE_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tally("bad_inputs")
+    code, _, err = call_cli(cli, ["--latent_dim", "0", "--beta", "-2", "--learning_rate", "abc", "--hidden_dims", "8", "0",
+                                  "--checkpoint_dir", str(tmp_path / "ck")], capsys)
+    assert code == 2
+    assert_one_line_error(err, "latent_dim", "beta", "learning_rate", "hidden_dims")
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "ck").exists()
