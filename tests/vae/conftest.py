@@ -6,8 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_idx_dataset
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine
+    spinning OpenMP threads made a 1 s training take 30-60 s. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_train_config(data_dir: Path, checkpoint_dir: Path, **overrides) -> dict:

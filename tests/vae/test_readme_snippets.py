@@ -10,9 +10,10 @@ How a block runs:
   ``log_var`` and ``z`` (8 x 16). The placeholder ``path/to/model.pth`` is replaced by the path of a
   real trained checkpoint; nothing else is changed.
 - ```` ```bash ```` blocks: all blocks of one README run in order in one working directory, through
-  ``bash -e``, with ``python`` on PATH being this interpreter. For the seed README (``python vae/train.py``)
-  the working directory holds a copy of ``vae/``, as a checkout's root does; for vae/README.md
-  (``python -m vae.train``) ``PYTHONPATH`` holds the repository root, as ``pip install -e .`` would.
+  ``bash -e``, with ``python`` on PATH being this interpreter (and ``OMP_NUM_THREADS=1``). For the
+  seed README (``python vae/train.py``) the working directory holds a copy of ``vae/``, as a
+  checkout's root does; for vae/README.md (``python -m vae.train``) ``PYTHONPATH`` holds the
+  repository root, as ``pip install -e .`` would.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def snippet_env(tmp_path, monkeypatch, preset_data_dir):
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("VAE_FAST_DEV_RUN", "2")
     monkeypatch.setenv("VAE_DATA_DIR", str(preset_data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses: one torch thread, as tests/vae/conftest.py
     return cwd
 
 
