@@ -28,15 +28,19 @@ class CheckpointError(RuntimeError):
 
 
 def get_device(preference: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple MPS, then the CPU; otherwise the named device."""
+    """'auto' picks CUDA, then Apple MPS, then the CPU; otherwise the named device.
+
+    Raises:
+        ConfigError: the named device is not available here (the CLIs turn it into one line, exit 2).
+    """
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use --device auto or cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (preference == "cuda" and not torch.cuda.is_available()) or (preference == "mps" and not mps):
+        from vae.config import ConfigError
+
+        raise ConfigError([f"device: {preference!r} was asked for but is not available on this machine; "
+                           f"use --device auto or cpu"])
     return torch.device(preference)
 
 

@@ -141,3 +141,12 @@ def test_a_checkpoint_of_another_shape_is_rejected(trained_checkpoint, tmp_path)
     save_checkpoint(state, tmp_path / "mismatch.pth")
     with pytest.raises(CheckpointError, match="not a usable VAE checkpoint"):
         VAESampler(tmp_path / "mismatch.pth")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_unavailable_device_exits_2_with_one_line(trained_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(["--model_path", str(trained_checkpoint), "--device", "cuda", "--output_dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "device: 'cuda'" in err and "--device auto or cpu" in err

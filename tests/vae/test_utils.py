@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from vae.config import ConfigError
 from vae.model import VAE
 from vae.utils import (CHECKPOINT_FORMAT, EMA, CheckpointError, create_lr_scheduler, create_optimizer, get_device,
                        gradient_clip, load_checkpoint, load_model, save_checkpoint, set_seed)
@@ -144,9 +145,12 @@ def test_set_seed_seeds_python_numpy_and_torch():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
-def test_get_device_picks_cpu_when_asked_and_refuses_missing_cuda():
+def test_get_device_picks_cpu_when_asked():
     assert get_device("cpu") == torch.device("cpu")
     assert get_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            get_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_get_device_refuses_a_missing_device_as_a_config_error():
+    with pytest.raises(ConfigError, match="device: 'cuda' was asked for but is not available"):
+        get_device("cuda")
