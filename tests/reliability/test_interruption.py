@@ -9,6 +9,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,21 +28,28 @@ def _config(data_dir: Path, checkpoint_dir: Path, experiment: str) -> dict:
     return tiny_cli_config(data_dir, checkpoint_dir, experiment, num_epochs=EPOCHS, batch_size=40)
 
 
+class Baseline(NamedTuple):
+    run_dir: Path
+    epoch_s: float  # wall time of one epoch here, now
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_data_dir) -> Path:
+def baseline(tmp_path_factory, tiny_data_dir) -> Baseline:
     """The run folder of an uninterrupted run (in-process, one thread, same seed)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cfg = _config(tiny_data_dir, tmp_path_factory.mktemp("baseline"), "run")
+        t0 = time.perf_counter()
         result = VAETrainer({**get_default_config(), **cfg}).train()
+        epoch_s = (time.perf_counter() - t0) / EPOCHS  # scales the random kill moments
     finally:
         torch.set_num_threads(threads)
     assert result["status"] == "completed"
     history = result["history"]
     # the checks below need the last epoch to be the best (loss still falling)
     assert min(history, key=lambda r: r["val/nelbo"])["epoch"] == EPOCHS, history
-    return Path(result["run_dir"])
+    return Baseline(Path(result["run_dir"]), epoch_s)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -94,10 +102,11 @@ def test_sigkill_at_chosen_points_then_resume_matches_uninterrupted_run(procs, t
         assert _last_epoch(run_dir) in allowed, extra
     res = procs.run(victim + ["--resume"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert_same_run(run_dir, baseline)
+    assert_same_run(run_dir, baseline.run_dir)
 
 
 def test_sigkill_at_random_moments_and_sigterm_then_resume_matches(procs, tmp_path, tiny_data_dir, baseline):
+
     """The real CLI killed at random moments (3 x SIGKILL, then SIGTERM), resumed each time."""
     rng = random.Random(20261125)
     cfg = _config(tiny_data_dir, tmp_path / "ck", "run")
@@ -112,11 +121,12 @@ def test_sigkill_at_random_moments_and_sigterm_then_resume_matches(procs, tmp_pa
         started = wait_for(lambda: (run_dir / "config.json").exists() and
                            (run_dir / "config.json").stat().st_mtime_ns > before, timeout=120, proc=proc)
         assert started or proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 4.0 * baseline.epoch_s))  # lands in one of the next few epochs
         procs.kill(proc)
         proc.communicate(timeout=30)
         tally("faults")
         epochs_seen.append(_last_epoch(run_dir))
+    print(f"epoch of last.pth after each SIGKILL: {epochs_seen}")
     # SIGTERM: once a new checkpoint shows training is under way, it finishes the step, saves, exits 0
     before = (run_dir / "last.pth").stat().st_mtime_ns if (run_dir / "last.pth").exists() else 0
     resume = ["--resume"] if before else []
@@ -131,6 +141,7 @@ def test_sigkill_at_random_moments_and_sigterm_then_resume_matches(procs, tmp_pa
     assert proc.returncode == 0, err[-2000:]
     assert time.monotonic() - t0 < 30
     state = load_checkpoint(run_dir / "last.pth")
+    print(f"after SIGTERM: epoch {state['epoch']}, partial {state['partial'] and state['partial']['next_batch']}")
     if "stopped (SIGTERM)" in out:  # stopped mid-run: the checkpoint says where to continue
         assert "--resume" in out
         assert state["partial"] is not None or state["epoch"] < EPOCHS
@@ -139,5 +150,5 @@ def test_sigkill_at_random_moments_and_sigterm_then_resume_matches(procs, tmp_pa
         assert f"completed: {EPOCHS} epoch(s)" in res.stdout
     else:  # the signal came after the last step: nothing left to do
         assert state["epoch"] == EPOCHS
-    assert_same_run(run_dir, baseline)
+    assert_same_run(run_dir, baseline.run_dir)
     assert "Traceback" not in err
