@@ -66,6 +66,7 @@ class Objective:
 
     def __init__(self, opts: SweepOptions, client, exp_id: str, parent_run_id: str, data=None):
         self.opts, self.client, self.exp_id, self.parent_run_id = opts, client, exp_id, parent_run_id
+        self.stop_reason: str | None = None  # set by a signal handler: start no more training
         self._data = None
         if data is not None:
             cfg = validate_config(opts.base_config)
@@ -78,6 +79,8 @@ class Objective:
         return validate_config(cfg).to_dict()
 
     def __call__(self, trial: optuna.Trial):
+        if self.stop_reason is not None:
+            raise SweepInterrupted(f"stopped ({self.stop_reason}) before trial {trial.number} started")
         config = self.config_for(trial)
         trial.set_user_attr("config", config)
         cfg = validate_config(config)

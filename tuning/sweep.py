@@ -94,17 +94,46 @@ def run_worker(opts: SweepOptions, *, worker: int, n_trials: int, exp_id: str, p
         torch.set_num_threads(opts.threads)
     study = open_study(opts, worker)
     objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data)
-    with _sigterm_as_interrupt():
-        try:
+    try:
+        with _graceful_stop(study, objective):
             study.optimize(objective, n_trials=n_trials, timeout=opts.timeout, catch=(RuntimeError, ValueError),
                            callbacks=[ProgressPrinter(prefix)])
-        except (SweepInterrupted, KeyboardInterrupt) as e:
-            params = getattr(e, "params", None)
-            if params:  # run the interrupted trial again when the sweep resumes
-                study.enqueue_trial(params, user_attrs={"retry_of": e.number})
-            print(f"{prefix}interrupted: finished trials are kept; run the same command again to resume",
-                  flush=True)
-            raise SweepInterrupted(str(e) or "interrupted") from None
+        if objective.stop_reason is not None:  # a signal arrived between trials: the last one finished
+            raise SweepInterrupted(f"stopped ({objective.stop_reason})")
+    except (SweepInterrupted, KeyboardInterrupt) as e:
+        params = getattr(e, "params", None)
+        if params:  # run the interrupted trial again when the sweep resumes
+            study.enqueue_trial(params, user_attrs={"retry_of": e.number})
+        print(f"{prefix}interrupted: finished trials are kept; run the same command again to resume", flush=True)
+        raise SweepInterrupted(str(e) or "interrupted") from None
+
+
+class _graceful_stop:
+    """SIGINT/SIGTERM outside training: finish the current step, start no new trial.
+
+    Inside training the trainer's own handler stops the epoch (the trial is queued again); between
+    trials this sets ``objective.stop_reason`` and ``study.stop()``. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, study: optuna.Study, objective: Objective):
+        self.study, self.objective, self.previous = study, objective, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.objective.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.objective.stop_reason = signal.Signals(signum).name
+        try:
+            self.study.stop()
+        except RuntimeError:  # not inside optimize() yet or any more: the flag is enough
+            pass
 
 
 def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:

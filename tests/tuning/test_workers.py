@@ -40,7 +40,8 @@ def _stop_during_second_trial(proc, study_name, storage, limit_s=120) -> str:
             raise AssertionError("no progress line; output:\n" + "".join(seen))
         seen.append(line)
     while time.monotonic() < deadline:  # the study exists now: reading it cannot race its creation
-        if optuna.load_study(study_name=study_name, storage=storage).trials[-1].state == TrialState.RUNNING:
+        last = optuna.load_study(study_name=study_name, storage=storage).trials[-1]
+        if last.state == TrialState.RUNNING and last.intermediate_values:  # mid-training
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
