@@ -162,15 +162,14 @@ up_databases() {
   "$PY" -c "import optuna, sys; optuna.logging.set_verbosity(optuna.logging.WARNING); optuna.storages.RDBStorage(sys.argv[1])" "$PG_OPTUNA"
 }
 
-up_mlflow() {
-  alive mlflow && { say "mlflow already runs"; return; }
+start_mlflow() {
+  if alive mlflow; then say "mlflow already runs"; return; fi
   mkdir -p "$STACK_DIR/mlflow/artifacts"
   # Job execution (huey consumers for GenAI jobs) is off: 7 idle processes this project never uses.
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
     launch mlflow "$BIN/mlflow" server --backend-store-uri "$PG_MLFLOW" \
     --serve-artifacts --artifacts-destination "$STACK_DIR/mlflow/artifacts" \
     --host "$STACK_HOST" --port "$STACK_MLFLOW_PORT" --workers "$STACK_MLFLOW_WORKERS"
-  wait_http mlflow "$MLFLOW_URL/health"
 }
 
 prefect_env() {  # the environment of the Prefect server, the CLI calls and the workers
@@ -180,14 +179,14 @@ prefect_env() {  # the environment of the Prefect server, the CLI calls and the 
   fi
 }
 
-up_prefect() {
+start_prefect() {
   prefect_env
-  if alive prefect; then
-    say "prefect already runs"
-  else
-    launch prefect "$BIN/prefect" server start --host "$STACK_HOST" --port "$STACK_PREFECT_PORT" --analytics-off
-    wait_http prefect "$PREFECT_URL/health"
-  fi
+  if alive prefect; then say "prefect already runs"; return; fi
+  launch prefect "$BIN/prefect" server start --host "$STACK_HOST" --port "$STACK_PREFECT_PORT" --analytics-off
+}
+
+up_pool() {
+  prefect_env
   "$BIN/prefect" --no-prompt work-pool inspect "$STACK_POOL" > /dev/null 2>&1 \
     || "$BIN/prefect" --no-prompt work-pool create "$STACK_POOL" --type process > /dev/null
   say "work pool $STACK_POOL (process)"
@@ -234,9 +233,12 @@ cmd_up() {
   done
   [ -x "$PY" ] || die "no Python at $PY (run make install, or set PY)"
   up_databases
-  up_mlflow
+  start_mlflow  # both servers start side by side; each is waited for below
+  if [ "$prefect" = 1 ]; then start_prefect; fi
+  wait_http mlflow "$MLFLOW_URL/health"
   if [ "$prefect" = 1 ]; then
-    up_prefect
+    wait_http prefect "$PREFECT_URL/health"
+    up_pool
     up_workers "$workers"
   fi
   write_env

@@ -24,7 +24,7 @@ def tiny_sweep_args(data_dir: Path) -> list[str]:
     """A sweep whose trials train for about a second each (the tiny dataset, 1 epoch)."""
     fixed = {"data_dir": str(data_dir), "hidden_dims": [8, 16], "batch_size": 50, "num_epochs": 1,
              "val_size": 100, "max_train_samples": 0, "ema_decay": 0.9, "log_every": 5}
-    args = ["--latent-dims", "2", "4", "--pruner", "none", "--threads", "1"]
+    args = ["--latent-dims", "2", "4", "--pruner", "none", "--threads", "1", "--no-plots"]
     for key, value in fixed.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
