@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = VAETrainer(cfg, callbacks, overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0
-    model, _ = load_model(result["best_model_path"] or result["last_model_path"])
+    model_path = result["best_model_path"] or result["last_model_path"]
+    model, _ = load_model(model_path)
 
     t1 = time.perf_counter()
     full = evaluate(model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
            "test/kl": full["test/kl"], "test/active_units": full["test/active_units"],
            "iw_test_images": sub["test/num_images"], f"test/iw_nll_k{k}": sub[f"test/iw_nll_k{k}"],
            f"test/iw_nll_k{k}_se": sub[f"test/iw_nll_k{k}_se"], "subset/nelbo": sub["test/nelbo"],
-           "config": cfg.to_dict()}
+           "model_path": model_path, "config": cfg.to_dict()}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"epochs {out['epochs']} ({result['status']}), training {out['train_minutes']:.1f} min, "
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
           f"KL {out['test/kl']:.2f}); active units {out['test/active_units']:.0f} of {cfg.model.latent_dim}")
     print(f"test IW bound k={k} on {int(out['iw_test_images'])} images: {out[f'test/iw_nll_k{k}']:.2f} "
           f"± {out[f'test/iw_nll_k{k}_se']:.2f} nats (NELBO on the same images {out['subset/nelbo']:.2f})")
+    print(f"model: {model_path} (more test images later: python -m vae.evaluate --model_path {model_path} "
+          f"--k {k} --no_probe --no_fid)")
     return 0
 
 
