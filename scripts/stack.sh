@@ -96,9 +96,14 @@ stop() {  # stop NAME...: SIGTERM to each group, then SIGINT (Prefect workers), 
   say "stopped ${left[*]}"
 }
 
+http_ok() {  # http_ok URL: the URL answers 2xx (curl, or Python where curl is missing)
+  if command -v curl > /dev/null; then curl -sf -o /dev/null --max-time 5 "$1"
+  else "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" 2> /dev/null; fi
+}
+
 wait_http() {  # wait_http NAME URL: until URL answers 200, the process dies or the timeout passes
   local name=$1 url=$2 t0=$SECONDS
-  until curl -sf -o /dev/null "$url"; do
+  until http_ok "$url"; do
     alive "$name" || { tail -n 30 "$LOGS/$name.log" >&2; die "$name exited during start-up (log: $LOGS/$name.log)"; }
     (( SECONDS - t0 < STACK_START_TIMEOUT )) || die "$name did not answer $url within ${STACK_START_TIMEOUT}s (log: $LOGS/$name.log)"
     sleep 0.5
@@ -269,9 +274,9 @@ cmd_status() {
     if alive "$name"; then printf '%-12s %-8s %s\n' "$name" "$pid" running
     else printf '%-12s %-8s %s\n' "$name" "$pid" "dead (log: $LOGS/$name.log)"; rc=1; fi
   done
-  curl -sf -o /dev/null "$MLFLOW_URL/health" && echo "mlflow   $MLFLOW_URL  healthy" || { echo "mlflow   $MLFLOW_URL  not answering"; rc=1; }
+  http_ok "$MLFLOW_URL/health" && echo "mlflow   $MLFLOW_URL  healthy" || { echo "mlflow   $MLFLOW_URL  not answering"; rc=1; }
   if [ -f "$PIDS/prefect.pid" ]; then
-    curl -sf -o /dev/null "$PREFECT_URL/health" && echo "prefect  $PREFECT_URL  healthy (pool $STACK_POOL)" \
+    http_ok "$PREFECT_URL/health" && echo "prefect  $PREFECT_URL  healthy (pool $STACK_POOL)" \
       || { echo "prefect  $PREFECT_URL  not answering"; rc=1; }
   fi
   pg "SELECT 1" 2> /dev/null && echo "postgres $STACK_PG  answers (databases ${STACK_DB_PREFIX}_*)" \

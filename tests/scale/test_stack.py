@@ -89,8 +89,12 @@ def test_status_then_down_stops_only_what_up_started(mlflow_stack):
     try:
         status = mlflow_stack.sh("status")
         assert re.search(r"^mlflow +\d+ +running", status.stdout, re.M), status.stdout
-        pids = [int(p.read_text().split()[0]) for p in (mlflow_stack.dir / "pids").glob("*.pid")]
-        assert pids
+        leaders = [int(p.read_text().split()[0]) for p in (mlflow_stack.dir / "pids").glob("*.pid")]
+        assert leaders
+        # Each service runs in its own process group (the MLflow server forks uvicorn): all must go.
+        pids = [int(pid) for leader in leaders
+                for pid in subprocess.run(["pgrep", "-g", str(leader)], capture_output=True, text=True).stdout.split()]
+        assert set(leaders) <= set(pids) and len(pids) > len(leaders)
 
         mlflow_stack.sh("down")
 
