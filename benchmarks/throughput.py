@@ -43,6 +43,7 @@ TRAINER_VARIANTS = {
     "trainer": {},
     "trainer-contiguous": {"channels_last": False},
     "trainer-compile": {"compile": True},
+    "trainer-amp": {"amp": True},  # bf16 autocast: different numerics, so not the headline row
 }
 CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae"]
 

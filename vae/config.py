@@ -104,7 +104,7 @@ class RunConfig:
     checkpoint_dir: str = _f("checkpoints", "root folder of run folders")
     seed: int = _f(42, "random seed (split, init, shuffling, sampling)", ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "compute device")
-    amp: bool = _f(False, "bf16 autocast on CUDA")
+    amp: bool = _f(False, "bf16 autocast on CUDA, or on CPUs with bf16 units (AMX)")
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the model")
     sample_every: int = _f(5, "write a sample grid every N epochs (0 = never)", ge=0)

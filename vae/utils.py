@@ -80,8 +80,9 @@ class EMA:
         ema_p = list(self.module.parameters())
         model_p = list(model.parameters())
         torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        buffers = list(self.module.buffers())
+        if buffers:  # _foreach_copy_ rejects an empty list (a model without BatchNorm has no buffers)
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
@@ -157,7 +158,10 @@ def create_optimizer(model: nn.Module, learning_rate: float, weight_decay: float
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
+    # The fused kernel updates each tensor in one pass (foreach: ~10 passes); on a 2-core CPU the
+    # step takes about a quarter of the time. Same update rule; other devices keep foreach.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, **({"fused": True} if fused else {"foreach": True}))
 
 
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
