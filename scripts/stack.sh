@@ -29,6 +29,9 @@ PY=${PY:-$ROOT/.venv/bin/python}
 [[ $PY = /* ]] || PY="$PWD/$PY"
 BIN=$(dirname "$PY")
 STACK_DIR=$(mkdir -p "${STACK_DIR:-$ROOT/.stack}" && cd "${STACK_DIR:-$ROOT/.stack}" && pwd)
+# The settings of the last `up` in this folder fill in what is not given again, so `status` and
+# `down` (and `down --purge`: which databases) address the stack that `up` started.
+if [ -f "$STACK_DIR/settings" ]; then . "$STACK_DIR/settings"; fi
 STACK_HOST=${STACK_HOST:-127.0.0.1}
 STACK_MLFLOW_PORT=${STACK_MLFLOW_PORT:-5001}
 STACK_PREFECT_PORT=${STACK_PREFECT_PORT:-4201}
@@ -217,6 +220,14 @@ up_workers() {
   say "$n worker(s) on pool $STACK_POOL"
 }
 
+write_settings() {
+  local var
+  for var in STACK_HOST STACK_ADVERTISE_HOST STACK_MLFLOW_PORT STACK_PREFECT_PORT STACK_PG STACK_DB_PREFIX \
+             STACK_PREFECT_DB STACK_POOL STACK_MLFLOW_WORKERS; do
+    printf '[ -n "${%s:-}" ] || %s=%q\n' "$var" "$var" "${!var}"
+  done > "$STACK_DIR/settings"
+}
+
 write_env() {
   {
     echo "# The stack's services: source this file (written by scripts/stack.sh up)."
@@ -237,6 +248,7 @@ cmd_up() {
     esac
   done
   [ -x "$PY" ] || die "no Python at $PY (run make install, or set PY)"
+  write_settings
   up_databases
   start_mlflow  # both servers start side by side; each is waited for below
   if [ "$prefect" = 1 ]; then start_prefect; fi
