@@ -81,7 +81,9 @@ def prepare_data(data_dir: str, dataset: str) -> dict[str, Any]:
     path = _cache_root() / "tensors" / f"{dataset}-{data.digest[:16]}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkstemp(dir=path.parent, suffix=".tmp")[1])
+        fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         torch.save({k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, tmp)
         tmp.replace(path)
     return {"dataset": dataset, "data_dir": str(Path(data_dir).expanduser().resolve()), "digest": data.digest,
@@ -93,7 +95,7 @@ def load_data(ref: dict[str, Any]) -> ImageData:
     """The dataset a :func:`prepare_data` result refers to (its cached tensors, weights_only)."""
     try:
         t = torch.load(ref["tensors"], weights_only=True)
-    except (OSError, RuntimeError):  # cache file gone or damaged: read the IDX files again
+    except (OSError, RuntimeError, EOFError):  # cache file gone or damaged: read the IDX files again
         return load_dataset(ref["data_dir"], ref["dataset"])
     return ImageData(t["train_images"], t["train_labels"], t["test_images"], t["test_labels"], ref["sha256"],
                      ref["dataset"])

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from pipelines import tasks
+from pipelines import tasks, tracking
 from vae.config import PRESETS, ConfigError, add_config_arguments, config_from_args, validate_config
 
 Preset = Literal["default", "small", "beta_vae", "disentangled", "benchmark"]
@@ -62,7 +62,7 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
     # One run folder per MLflow run: the trainer refuses to overwrite another run's checkpoints.
     train_config = {**config, "checkpoint_dir": str(Path(config["checkpoint_dir"]) / "pipeline" / run["run_id"])}
     try:
-        tasks.tag_run(run["run_id"], {"checkpoint_dir": train_config["checkpoint_dir"]})
+        tasks.tag_run(run["run_id"], {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
         result = tasks.train(train_config, data_ref, run["run_id"])
         best = result["best_model_path"]
         metrics = tasks.evaluate(best, config, data_ref, run["run_id"], k=iw_k, max_test_images=eval_max_images,
