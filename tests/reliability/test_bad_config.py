@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# Imported while collecting, as tests/pipelines does: Prefect binds its log handler to the
+# stderr of the moment, which must not be a capsys stream that closes after one test.
+import pipelines.training  # noqa: F401
 from tests.reliability.conftest import assert_one_line_error, call_cli, tally
 from vae.config import ConfigError, get_default_config, validate_config
 
