@@ -89,8 +89,9 @@ def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSam
 
 def make_pruner(opts: SweepOptions) -> optuna.pruners.BasePruner:
     if opts.pruner == "median":
+        # Epochs count from 1 and Optuna prunes at step >= n_warmup_steps: W warm-up epochs are never pruned.
         return optuna.pruners.MedianPruner(n_startup_trials=opts.pruner_startup_trials,
-                                           n_warmup_steps=opts.pruner_warmup_epochs)
+                                           n_warmup_steps=opts.pruner_warmup_epochs + 1)
     if opts.pruner == "hyperband":
         epochs = int(opts.base_config.get("num_epochs", 1))
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)

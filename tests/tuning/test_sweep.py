@@ -78,3 +78,19 @@ def test_journal_storage_resumes_and_adds_trials(tiny_options, tmp_path):
     first = run_sweep(opts)
     second = run_sweep(opts)
     assert (first["n_trials_total"], second["n_trials_total"]) == (1, 2)
+
+
+def test_warm_up_epochs_are_never_pruned(tiny_options):
+    from tuning.study import make_pruner
+
+    study = optuna.create_study(pruner=make_pruner(tiny_options(pruner_startup_trials=0, pruner_warmup_epochs=1)))
+    for value in (1.0, 1.0):
+        trial = study.ask()
+        trial.report(value, 1)
+        trial.report(value, 2)
+        study.tell(trial, value)
+    worse = study.ask()
+    worse.report(100.0, 1)
+    assert not worse.should_prune()  # epoch 1 is warm-up
+    worse.report(100.0, 2)
+    assert worse.should_prune()
