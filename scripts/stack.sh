@@ -91,7 +91,7 @@ stop() {  # stop NAME...: SIGTERM to each group, then SIGINT (Prefect workers), 
   [ ${#pids[@]} -gt 0 ] || return 0
   for sig in TERM INT KILL; do
     for pid in "${pids[@]}"; do kill -s "$sig" -- "-$pid" 2>/dev/null || true; done
-    for _ in $(seq 60); do  # up to 15 s per signal
+    for _ in $(seq 32); do  # up to 8 s per signal (a Prefect worker may ignore SIGTERM)
       pgrep -g "$(IFS=,; echo "${pids[*]}")" > /dev/null 2>&1 || break 2
       sleep 0.25
     done
