@@ -18,8 +18,12 @@ time of the whole call (data already in memory for everyone; loading it is not t
 machine the wall clock depends on the neighbours; images per CPU-second (the process's user+sys
 time over the same span) is the steadier measure of the work each contender does.
 
-    python -m benchmarks.throughput                     # defaults: 10,240 train images, 3 epochs, 3 rounds
-    python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 2560   # a quick look
+    python -m benchmarks.throughput            # defaults: 2,560 train + 256 validation images, 2 epochs, 3 rounds
+    python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
+    python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 1280   # a quick look
+
+On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does): spinning
+OpenMP threads made every contender several times slower there.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ TRAINER_VARIANTS = {
     "trainer-contiguous": {"channels_last": False},
     "trainer-compile": {"compile": True},
     "trainer-amp": {"amp": True},  # bf16 autocast: different numerics, so not the headline row
+    "trainer-amp-compile": {"amp": True, "compile": True},
 }
 CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae"]
 
@@ -77,7 +82,7 @@ def run_trainer(args, name: str) -> dict:
     epoch_s = [steps * BATCH / v for v in ips]
     out = {"wall_s": wall, "cpu_s": cpu, "images": steps * BATCH * args.epochs, "train_loop_ips": statistics.median(ips),
            "val_nelbo": result["final_metrics"]["val/nelbo"]}
-    if name == "trainer-compile" and len(epoch_s) > 1:  # compilation happens in the first step
+    if TRAINER_VARIANTS[name].get("compile") and len(epoch_s) > 1:  # compilation happens in the first step
         out["compile_s"] = epoch_s[0] - statistics.median(epoch_s[1:])
         out["train_loop_ips"] = statistics.median(ips[1:])
     return out
@@ -218,9 +223,9 @@ def _table(results: dict[str, list[dict]], baseline: str = "pythae") -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contenders", nargs="+", default=["trainer", "bare", "pythae"], choices=CONTENDERS)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-samples", type=int, default=10240, help="training images (multiple of 128)")
-    p.add_argument("--val-size", type=int, default=1024, help="validation images")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-samples", type=int, default=2560, help="training images (multiple of 128)")
+    p.add_argument("--val-size", type=int, default=256, help="validation images")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows medians")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every run (0 = torch default)")
     p.add_argument("--json", type=Path, help="also write all runs to this file")
