@@ -23,7 +23,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
 os.environ["VAE_CACHE_DIR"] = str(_SESSION_TMP / "cache")
-os.environ.pop("VAE_FAST_DEV_RUN", None)
+# Tests build their own stores and servers: nothing from a user's shell (say, after
+# `source .stack/env`) may point them at shared services.
+for _var in ("VAE_FAST_DEV_RUN", "VAE_OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
+             "VAE_MLRUNS_DIR", "VAE_OPTUNA_DIR"):
+    os.environ.pop(_var, None)
+# Tiny models gain nothing from intra-op threads, and the suite starts many processes at once
+# (workers, servers): one thread each keeps them from oversubscribing the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _REAL_DATA_DIR = os.environ.get("VAE_DATA_DIR")
 
 FILES = {
