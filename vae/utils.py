@@ -61,8 +61,11 @@ def gradient_clip(model: nn.Module, max_norm: float) -> torch.Tensor | None:
 class EMA:
     """Exponential moving average of a model's parameters and buffers.
 
-    shadow ← decay·shadow + (1 − decay)·param after each step; buffers (BatchNorm statistics) are
-    copied. ``module`` is the averaged model, used for evaluation and samples.
+    shadow ← decay·shadow + (1 − decay)·value after each step, for parameters and floating-point
+    buffers alike (BatchNorm running statistics must describe the averaged weights, not the live
+    ones: copying the live statistics onto averaged weights made validation loss jump between
+    epochs); integer buffers (``num_batches_tracked``) are copied. ``module`` is the averaged
+    model, used for evaluation and samples.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
@@ -77,12 +80,13 @@ class EMA:
         self.num_updates += 1
         # Warm-up as in TF's ExponentialMovingAverage: early averages are not dominated by init.
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_p = list(self.module.parameters())
-        model_p = list(model.parameters())
-        torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-        buffers = list(self.module.buffers())
-        if buffers:  # _foreach_copy_ rejects an empty list (a model without BatchNorm has no buffers)
-            torch._foreach_copy_(buffers, list(model.buffers()))
+        ema_f, model_f, ema_i, model_i = list(self.module.parameters()), list(model.parameters()), [], []
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            (ema_f if b.is_floating_point() else ema_i).append(b_ema)
+            (model_f if b.is_floating_point() else model_i).append(b)
+        torch._foreach_lerp_(ema_f, model_f, 1.0 - decay)
+        if ema_i:  # _foreach_copy_ rejects an empty list (a model without BatchNorm has no buffers)
+            torch._foreach_copy_(ema_i, model_i)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
