@@ -57,7 +57,7 @@ def test_all_three_deployments_exist_and_the_nightly_one_is_scheduled(loop):
     nightly = loop.deployment("vae-retraining", "vae-retrain-nightly")
     (schedule,) = nightly["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["schedule"]["timezone"] == "UTC"
-    assert schedule["active"] and nightly["parameters"] == {"source": "champion"}
+    assert schedule["active"] and nightly["parameters"] == {"source": "champion", "eval_max_images": 500}
 
 
 def test_unknown_parameter_is_refused_when_the_run_is_requested(loop):
