@@ -34,8 +34,11 @@ test: install  ## the whole test suite (tiny models and data; a few tests read t
 test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
+# pythae pulls in the old `dataclasses` backport, whose site-packages/dataclasses.py shadows the
+# standard library's for Prefect's server process (TypeError: dataclass() ... 'slots'): remove it.
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip uninstall --quiet -y dataclasses || true
 	@touch $@
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared CPU, OpenMP threads that spin while waiting made every
