@@ -30,6 +30,7 @@ def main() -> int:
     print(f"""
 vae-training finished in {minutes:.1f} min (MLflow experiment {out['config']['experiment_name']!r}, run {out['run_id']})
   val/nelbo {out['final_metrics'].get('val/nelbo', float('nan')):.2f}   {score} {out['metrics'][score]:.2f}  (nats per image, first {DEMO['eval_max_images']} test images)
+  checkpoint: {out['best_model_path']}   (python -m vae.sample --model_path <it> --output_dir samples/demo)
   figures:   {', '.join(out['figures'].values())}
   model:     {version['uri']} (alias {tracking.CHALLENGER}); load it with pipelines.registry.load_vae("{version['uri']}")
   tracking:  {client.tracking_uri}
