@@ -170,6 +170,7 @@ def build_parser():
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"num_epochs": args.num_epochs} if args.num_epochs is not None else None
+    tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
                          eval_max_images=args.eval_max_images)
     print(json.dumps({k: out[k] for k in ("decision", "reason", "challenger_version", "champion_version",
@@ -180,6 +181,7 @@ def _main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
 
+    from pipelines.tracking import TrackingUnavailableError
     from vae.train import run_cli
 
-    sys.exit(run_cli(_main))
+    sys.exit(run_cli(_main, extra_errors=(TrackingUnavailableError,)))

@@ -124,6 +124,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args, PRESETS[args.preset]()).to_dict()
     check_eval_options(args.iw_k, args.eval_max_images)
+    tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_training(preset=args.preset, overrides=config, iw_k=args.iw_k, eval_max_images=args.eval_max_images,
                        register_model=not args.no_register)
     print(json.dumps({k: out[k] for k in ("run_id", "experiment_id", "model_version", "metrics")}, indent=2))
@@ -133,7 +134,7 @@ def _main(argv=None) -> int:
 def cli(argv=None) -> None:
     from vae.train import run_cli
 
-    sys.exit(run_cli(_main, argv))
+    sys.exit(run_cli(_main, argv, extra_errors=(tracking.TrackingUnavailableError,)))
 
 
 if __name__ == "__main__":

@@ -424,11 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     return add_config_arguments(parser)
 
 
-def run_cli(main, argv=None) -> int:
-    """Run a CLI body, turning the library's user-facing errors into one line and exit code 2."""
+def run_cli(main, argv=None, extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a CLI body, turning user-facing errors into one line and exit code 2.
+
+    Args:
+        main: the CLI body, ``main(argv) -> exit code``.
+        extra_errors: further exception types the caller's layer raises for user-facing problems
+            (e.g. an unreachable tracking server), reported the same way.
+    """
     try:
         return main(argv) or 0
-    except (ConfigError, DataError, CheckpointError, RunExistsError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, CheckpointError, RunExistsError, NonFiniteLossError, *extra_errors) as e:
         text = "invalid configuration: " + "; ".join(e.problems) if isinstance(e, ConfigError) else str(e)
         print(f"error: {text}", file=sys.stderr)
         return 2

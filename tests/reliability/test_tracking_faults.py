@@ -76,3 +76,19 @@ def test_unreachable_tracking_server_fails_a_sweep_fast_naming_it(monkeypatch, t
     assert info.value.code == 2, err[-2000:]
     assert uri in err and "Traceback" not in err, err[-2000:]
     assert elapsed < 30, f"took {elapsed:.0f} s to give up on an unreachable server"
+
+
+def test_unreachable_tracking_server_fails_the_pipeline_cli_with_one_line(prefect_harness, monkeypatch, tiny_data_dir,
+                                                                          tmp_path, capsys):
+    from pipelines.training import cli
+
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tally("faults")
+    with pytest.raises(SystemExit) as info:
+        cli(["--preset", "small", "--data_dir", str(tiny_data_dir), "--checkpoint_dir", str(tmp_path / "ck"),
+             "--max_train_samples", "0", "--val_size", "100", "--num_epochs", "1", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    assert uri in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "ck").exists(), "training started although nothing could be tracked"
