@@ -9,6 +9,7 @@ processes creating one new SQLite database at once race on its schema.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -48,12 +49,36 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """For a SQLite URL, an exclusive file lock beside the database: sweeps started at once on a
+    new database would otherwise race on creating its schema and study (one exits with an
+    IntegrityError). Other storages serialise this themselves."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(url[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> optuna.Study:
     """Create (``create=True``, once, before workers start) or load the study of ``opts``.
 
     Raises:
         SweepError: the storage cannot be opened, or the stored study has other directions.
     """
+    if create:
+        with _creation_lock(opts.storage):
+            return _open_study(opts, worker, create=True)
+    return _open_study(opts, worker, create=False)
+
+
+def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Study:
     try:
         storage = open_storage(opts.storage)
     except Exception as e:  # noqa: BLE001 - any driver error becomes one line for the user

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -81,3 +82,24 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
     assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
     states = {r.data.tags["optuna.trial_number"]: r.data.tags["trial_state"] for r in runs}
     assert states[str(interrupted[0].number)] == "interrupted"
+
+
+def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish(tiny_options, tune_cmd):
+    opts = tiny_options(n_trials=1, fixed={"num_epochs": 1})
+    assert opts.storage.startswith("sqlite:///") and not Path(opts.storage[len("sqlite:///"):]).exists()
+    fixed = [f"--set={k}={json.dumps(v)}" for k, v in opts.base_config.items()
+             if k in ("data_dir", "hidden_dims", "batch_size", "num_epochs", "val_size", "ema_decay", "log_every")]
+    argv, env = tune_cmd("--study-name", opts.study_name, "--n-trials", "1", "--preset", "default",
+                         "--latent-dims", "2", "4", "--threads", "1", "--no-plots", *fixed)
+    procs = [popen(argv, env), popen(argv, env)]  # both create the database, its schema and the study
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
+    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    assert sorted(t.number for t in trials) == [0, 1]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
