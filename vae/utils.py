@@ -139,7 +139,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's first line suggests weights_only=False; name the offending object instead.
+        # torch's first line advises an unsafe reload; name the offending object instead.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: refused: not a plain-data checkpoint ({first[:200]}). "
