@@ -214,6 +214,9 @@ class VAETrainer:
         state = self._check_run_dir()
         if state is not None:
             cfg = self.cfg = self._resumed_config(state)
+        # A process killed mid-save leaves its temporary file (never read); this run owns the folder now.
+        for stale in self.run_dir.glob(".*.pth.*.tmp"):
+            stale.unlink(missing_ok=True)
         set_seed(cfg.run.seed)
         device = get_device(cfg.run.device)
         data = self._data if self._data is not None else load_dataset(cfg.data.data_dir, cfg.data.dataset)

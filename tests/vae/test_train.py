@@ -217,6 +217,16 @@ def test_resume_may_extend_num_epochs(tiny_config):
     assert [r["epoch"] for r in result["history"]] == [1, 2]
 
 
+def test_resume_removes_temporary_files_left_by_a_killed_save(tiny_config):
+    first = VAETrainer({**tiny_config, "num_epochs": 1}).train()
+    run_dir = Path(first["run_dir"])
+    stale = run_dir / ".last.pth.k3j9x2.tmp"  # what a SIGKILL between write and rename leaves
+    stale.write_bytes(b"half a checkpoint")
+    VAETrainer({**tiny_config, "num_epochs": 2}, resume=True).train()
+    assert not stale.exists()
+    assert sorted(p.name for p in run_dir.glob("*.pth")) == ["best_model.pth", "last.pth"]
+
+
 def test_resume_refuses_a_changed_model(tiny_config):
     VAETrainer({**tiny_config, "num_epochs": 1}).train()
     with pytest.raises(ConfigError, match="latent_dim: the run being resumed has 4, got 8"):
