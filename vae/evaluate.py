@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from vae.data import ImageBatches, ImageData, Split, load_dataset, static_binarize
-from vae.losses import log_normal, log_px_given_z
+from vae.losses import gaussian_kl, log_normal, log_px_given_z
+from vae.model import VAE
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "active_units", "class_entropy", "elbo_and_latents", "encode_means",
            "evaluate", "frechet_distance", "iw_bound", "iw_log_weights", "iw_nll", "linear_probe",
@@ -116,9 +117,9 @@ def elbo_and_latents(model: nn.Module, batches: Iterable, loss_type: str, seed: 
         if gen is None:
             gen = torch.Generator(device=x.device).manual_seed(seed)
         mu, log_var = model.encode(x)
-        z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        z = VAE.reparameterize(mu, log_var, generator=gen)
         recon.append(-log_px_given_z(model.decode_logits(z), x, loss_type).cpu())
-        kl.append((-0.5 * (1 + log_var - mu.pow(2) - log_var.exp())).cpu())
+        kl.append(gaussian_kl(mu, log_var).cpu())
         mus.append(mu.cpu())
         labels.append(y.cpu())
     kl_dims = torch.cat(kl)

@@ -38,9 +38,14 @@ def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return kl_per_dimension(mu, log_var).sum()
 
 
+def gaussian_kl(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mu, σ²) ‖ N(0, 1)) = −½ (1 + log σ² − mu² − σ²), shape of ``mu`` (no reduction)."""
+    return -0.5 * (1 + log_var - mu.pow(2) - log_var.exp())
+
+
 def kl_per_dimension(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """The KL of each latent dimension, averaged over the batch: shape (latent_dim,)."""
-    return (-0.5 * (1 + log_var - mu.pow(2) - log_var.exp())).mean(0)
+    return gaussian_kl(mu, log_var).mean(0)
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:

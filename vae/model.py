@@ -90,9 +90,15 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode_logits(z))
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps with eps ~ N(0, I): a sample that gradients flow through."""
-        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+    def reparameterize(mu: torch.Tensor, log_var: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I): a sample that gradients flow through.
+
+        ``generator`` draws eps from a caller's seeded stream (fixed-noise evaluation) instead of
+        the global one.
+        """
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * log_var) * eps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x -> (reconstruction in [0, 1], mu, log_var)."""

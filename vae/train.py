@@ -158,7 +158,7 @@ def validate(model: nn.Module, loss_fn, batches: ImageBatches, recon_type: str, 
     sums = torch.zeros(5, device=batches.device)
     for x, _ in batches:
         mu, log_var = model.encode(x)
-        z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=gen, device=mu.device)
+        z = model.reparameterize(mu, log_var, generator=gen)
         recon = model.decode(z)
         nelbo, rec, kl = nelbo_fn(recon, x, mu, log_var)
         if not getattr(loss_fn, "needs_z", False):
