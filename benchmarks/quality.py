@@ -8,7 +8,8 @@ stochastic layer, MLP), 2-layer IWAE 82.90, NVAE 78.01.
 A time budget (``--minutes``) is turned into a number of epochs before training starts (a short
 calibration measures steps per second), so the cosine learning-rate schedule and the KL warm-up
 (``beta_steps`` = 15% of all steps) fit the budget; a timer stops training at the deadline
-regardless. ``--epochs`` trains an exact number of epochs instead.
+regardless. ``--epochs`` sets the number of epochs instead (the schedule then fits those), still
+stopped at the ``--minutes`` deadline.
 
 The IW bound costs k decoder passes per image (k = 5,000 on all 10,000 test images is 50 million
 passes: hours on 2 cores), so it is computed on the first ``--test_images`` test images (default
@@ -16,6 +17,7 @@ passes: hours on 2 cores), so it is computed on the first ``--test_images`` test
 
     python -m benchmarks.quality --minutes 60                      # the full benchmark
     python -m benchmarks.quality --minutes 4 --k 500 --test_images 500   # a quick look
+    python -m benchmarks.quality --epochs 3 --decoder conv               # any config key overrides the preset
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vae.config import get_benchmark_config, validate_config  # noqa: E402
+from vae.config import ConfigError, add_config_arguments, config_from_args, get_benchmark_config  # noqa: E402
 from vae.data import ImageBatches, load_dataset, split_train_val  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
 from vae.losses import build_loss  # noqa: E402
@@ -48,8 +50,7 @@ def steps_per_second(cfg, data, steps: int = 40) -> float:
     train_split, _ = split_train_val(data, cfg.data.val_size, cfg.run.seed)
     batches = ImageBatches(train_split, cfg.train.batch_size, binarize=cfg.data.binarize,
                            channels_last=cfg.run.channels_last, max_batches=steps + 5)
-    m = cfg.model
-    model = VAE(m.in_channels, list(m.hidden_dims), m.latent_dim, m.image_size)
+    model = VAE(**cfg.model.as_kwargs())
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay)
@@ -82,35 +83,40 @@ class Deadline(Callback):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="training budget in minutes (default: 60)")
-    p.add_argument("--epochs", type=int, default=0, help="train exactly N epochs instead of a time budget")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="plan N epochs instead of calibrating them (the --minutes deadline still applies)")
     p.add_argument("--k", type=int, default=5000, help="importance samples (default: 5000)")
     p.add_argument("--test_images", type=int, default=1000, help="test images for the IW bound (default: 1000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--data_dir", default=os.environ.get("VAE_DATA_DIR", "./data"))
     p.add_argument("--output_dir", default="outputs/quality", help="run folder and results.json")
+    add_config_arguments(p)  # any config key overrides the benchmark preset, e.g. --latent_dim 32
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = load_dataset(args.data_dir)
-    base = {**get_benchmark_config(), "data_dir": args.data_dir, "checkpoint_dir": args.output_dir,
-            "progress": False, "sample_every": 0, "device": "cpu"}
-    cfg = validate_config(base)
+    base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
+            "device": "cpu"}
+    try:
+        cfg = config_from_args(args, base)
+    except ConfigError as e:
+        p.error(str(e))
+    data = load_dataset(cfg.data.data_dir)
     n_train = len(data.train_images) - cfg.data.val_size
     steps_per_epoch = n_train // cfg.train.batch_size
     if args.epochs:
         epochs, rate = args.epochs, None
     else:
         rate = steps_per_second(cfg, data)
-        # ~4% of the time goes to per-epoch validation and checkpoints
-        epochs = max(1, int(args.minutes * 60 * rate * 0.96 / steps_per_epoch))
+        # ~4% of the time goes to per-epoch validation and checkpoints; keep 6% more in hand for
+        # neighbours that slow the machine down later, so the schedule ends before the deadline.
+        epochs = max(1, int(args.minutes * 60 * rate * 0.90 / steps_per_epoch))
     cfg = cfg.replace(num_epochs=epochs, beta_steps=int(0.15 * epochs * steps_per_epoch))
     print(f"training {epochs} epoch(s) x {steps_per_epoch} steps"
           + (f" (calibrated {rate:.2f} steps/s for a {args.minutes:g}-minute budget)" if rate else "")
           + f"; hidden {list(cfg.model.hidden_dims)}, latent {cfg.model.latent_dim}, "
             f"beta_steps {cfg.loss.beta_steps}, {torch.get_num_threads()} thread(s)", flush=True)
 
-    callbacks = [Deadline(args.minutes * 60)] if not args.epochs else []
+    callbacks = [Deadline(args.minutes * 60)]  # the budget holds with --epochs too
     t0 = time.perf_counter()
     result = VAETrainer(cfg, callbacks, overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0

@@ -67,8 +67,9 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
         n = min(per_chunk, k - start)
         eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + std * eps  # (n, B, D)
-        logits = model.decode_logits(z.reshape(-1, mu.shape[1]))
-        log_px = log_px_given_z(logits, x.repeat(n, 1, 1, 1), loss_type).view(n, -1)  # repeat tiles: s*B + b
+        xs = x.repeat(n, 1, 1, 1)  # repeat tiles: s*B + b
+        logits = model.decode_logits(z.reshape(-1, mu.shape[1]), xs)
+        log_px = log_px_given_z(logits, xs, loss_type).view(n, -1)
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(-1)
         log_qz = log_normal(z, mu, log_var).sum(-1)
         out.append((log_px + log_pz - log_qz).T)
@@ -118,7 +119,7 @@ def elbo_and_latents(model: nn.Module, batches: Iterable, loss_type: str, seed: 
             gen = torch.Generator(device=x.device).manual_seed(seed)
         mu, log_var = model.encode(x)
         z = VAE.reparameterize(mu, log_var, generator=gen)
-        recon.append(-log_px_given_z(model.decode_logits(z), x, loss_type).cpu())
+        recon.append(-log_px_given_z(model.decode_logits(z, x), x, loss_type).cpu())
         kl.append(gaussian_kl(mu, log_var).cpu())
         mus.append(mu.cpu())
         labels.append(y.cpu())
@@ -204,7 +205,8 @@ def sample_quality(model: nn.Module, classifier: nn.Module, real_images: torch.T
                    seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
     """``fid_cls`` (decoded prior samples vs real images) and ``class_entropy`` of the samples.
 
-    Samples are the decoder's mean images σ(logits) for z ~ N(0, I), compared with the real
+    Samples are the decoder's mean images σ(logits) for z ~ N(0, I) (for an autoregressive
+    decoder, each pixel's mean given the pixels drawn before it), compared with the real
     grey-level images (uint8 or [0, 1] floats).
     """
     from vae.classifier import predict_features
@@ -213,7 +215,7 @@ def sample_quality(model: nn.Module, classifier: nn.Module, real_images: torch.T
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     samples = torch.cat([model.decode(torch.randn(min(batch_size, num_samples - i), model.latent_dim,
-                                                  generator=gen, device=device)).float().cpu()
+                                                  generator=gen, device=device), generator=gen).float().cpu()
                          for i in range(0, num_samples, batch_size)])
     f_fake, logits_fake = predict_features(classifier, samples)
     f_real, _ = predict_features(classifier, real_images)

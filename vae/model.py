@@ -2,6 +2,16 @@
 
 A pure ``nn.Module``: no logging, files, device choice or config parsing. The decoder mirrors
 the encoder's spatial sizes exactly, so any number of stages returns ``image_size`` pixels.
+
+Two decoders:
+
+- ``'conv'`` (default, the seed's): pixels independent given z, p(x|z) = Π_i p(x_i|z).
+- ``'autoregressive'``: p(x|z) = Π_i p(x_i | z, x_<i) in raster order, each pixel seeing the
+  conv decoder's features and a causal k×k neighbourhood of the pixels before it (PixelCNN's
+  mask 'A', van den Oord et al. 2016, read by a per-pixel MLP; a local PixelVAE, Gulrajani et
+  al. 2017). Training and likelihoods use teacher forcing (one pass, the image as
+  context: ``decode_logits(z, x)``); sampling (``decode(z)``) draws the pixels one by one, which
+  costs only the small local head per pixel because the receptive field on x is one layer.
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +32,67 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
 
 
+class LocalAutoregressiveHead(nn.Module):
+    """Bernoulli logits of p(x_i | z, x_<i) from decoder features and the causal neighbourhood of x.
+
+    Per pixel i, an MLP reads the decoder's features h_i (which depend on z only) and the pixels
+    of x in the k×k window around i that come before i in raster order (the k//2 rows above and
+    the k//2 pixels to the left: PixelCNN's mask 'A', van den Oord et al. 2016, in every channel):
+
+        logit_i = W3 · σ(W2 · σ(W1 · [h_i ; x_window(i)] + b1) + b2) + b3,   σ = LeakyReLU(0.2)
+
+    It is written as matrix products over all B·H·W pixels at once (the window is gathered with
+    ``unfold``), which is what a masked convolution followed by 1×1 convolutions computes, without
+    the masked taps' work.
+    """
+
+    def __init__(self, feature_channels: int, in_channels: int, channels: int = 32, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+        k, c = kernel_size, kernel_size // 2
+        self.in_channels, self.kernel_size = in_channels, kernel_size
+        before = [r * k + col for r in range(c + 1) for col in range(k) if r < c or col < c]
+        # Rows of unfold's (C·k·k) window for the full kernel, and of the (C·(c+1)·k) window sampling uses.
+        self.register_buffer("taps", torch.tensor([ch * k * k + t for ch in range(in_channels) for t in before]),
+                             persistent=False)
+        self.register_buffer("sample_taps", torch.tensor([ch * (c + 1) * k + t for ch in range(in_channels)
+                                                          for t in before]), persistent=False)
+        self.inp = nn.Linear(feature_channels + len(self.taps), channels)
+        self.hidden = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, in_channels)
+
+    def _mlp(self, f: torch.Tensor) -> torch.Tensor:
+        return self.out(F.leaky_relu(self.hidden(F.leaky_relu(self.inp(f), 0.2)), 0.2))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, C, H, W): every pixel given the true pixels before it."""
+        b, _, height, width = h.shape
+        window = F.unfold(x.to(h.dtype), self.kernel_size, padding=self.kernel_size // 2)  # (B, C·k·k, H·W)
+        feats = torch.cat((h.permute(0, 2, 3, 1).reshape(b, height * width, -1),
+                           window.index_select(1, self.taps).transpose(1, 2)), dim=-1)
+        return self._mlp(feats).view(b, height, width, -1).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def sample(self, h: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw x pixel by pixel: (each pixel's Bernoulli mean given the pixels drawn before it, the draw).
+
+        Only the MLP runs per pixel, batched over images: a 28×28 image is 784 small steps.
+        """
+        b, _, height, width = h.shape
+        k, c = self.kernel_size, self.kernel_size // 2
+        feats = h.permute(0, 2, 3, 1)  # (B, H, W, F)
+        x = h.new_zeros(b, self.in_channels, height + c, width + 2 * c)  # zero padding above, left, right
+        probs = h.new_empty(b, self.in_channels, height, width)
+        for i in range(height):
+            for j in range(width):
+                window = x[:, :, i:i + c + 1, j:j + k].flatten(1).index_select(1, self.sample_taps)
+                p = torch.sigmoid(self._mlp(torch.cat((feats[:, i, j], window), dim=1)))
+                probs[:, :, i, j] = p
+                x[:, :, i + c, j + c] = torch.bernoulli(p, generator=generator)
+        return probs, x[:, :, c:, c:width + c]
+
+
 class VAE(nn.Module):
     """Convolutional variational autoencoder with a diagonal-Gaussian posterior.
 
@@ -30,16 +102,23 @@ class VAE(nn.Module):
         latent_dim: dimension of z.
         image_size: height and width of input and output images.
         beta: KL weight, kept for callers that build the plain loss from the model.
+        decoder: ``'conv'`` (pixels independent given z) or ``'autoregressive'`` (each pixel also
+            given the k×k causal neighbourhood of the pixels before it; Bernoulli likelihood).
+        ar_channels, ar_kernel: width and kernel size of the autoregressive head.
     """
 
     def __init__(self, in_channels: int = 1, hidden_dims: Sequence[int] = (32, 64, 128, 256),
-                 latent_dim: int = 128, image_size: int = 28, beta: float = 1.0):
+                 latent_dim: int = 128, image_size: int = 28, beta: float = 1.0, decoder: str = "conv",
+                 ar_channels: int = 32, ar_kernel: int = 7):
         super().__init__()
         hidden_dims = list(hidden_dims)
         if not hidden_dims:
             raise ValueError("hidden_dims must name at least one stage")
         self.in_channels, self.latent_dim, self.image_size, self.beta = in_channels, latent_dim, image_size, beta
         self.hidden_dims = hidden_dims
+        if decoder not in ("conv", "autoregressive"):
+            raise ValueError(f"decoder must be 'conv' or 'autoregressive', got {decoder!r}")
+        self.decoder_type = decoder
 
         # Spatial size after each stage, e.g. 28 -> [14, 7, 4, 2] for four stages.
         sizes = [image_size]
@@ -70,24 +149,54 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*up)
         pad = image_size - (2 * sizes[1] - 1)
         # (B, 32, 14, 14) -> (B, 32, 28, 28) -> (B, C, 28, 28) logits
-        self.final_layer = nn.Sequential(
-            _block(nn.ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=pad), rev[-1]),
-            nn.Conv2d(rev[-1], in_channels, 3, padding=1),
-        )
+        up_last = _block(nn.ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=pad), rev[-1])
+        if decoder == "conv":
+            self.final_layer = nn.Sequential(up_last, nn.Conv2d(rev[-1], in_channels, 3, padding=1))
+            self.ar_head = None
+        else:  # the head turns the 28x28 features into logits, given the pixels before each one
+            self.final_layer = nn.Sequential(up_last)
+            self.ar_head = LocalAutoregressiveHead(rev[-1], in_channels, ar_channels, ar_kernel)
+
+    @property
+    def autoregressive(self) -> bool:
+        """True when p(x|z) is autoregressive (decoding needs x, sampling draws pixel by pixel)."""
+        return self.ar_head is not None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> (mu, log_var), each (B, latent_dim)."""
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_log_var(h)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent_dim) -> pre-sigmoid logits (B, C, H, W)."""
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
         h = self.decoder_input(z).view(-1, self.hidden_dims[-1], self._bottom, self._bottom)
         return self.final_layer(self.decoder(h))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
-        return torch.sigmoid(self.decode_logits(z))
+    def decode_logits(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, latent_dim) -> pre-sigmoid logits (B, C, H, W) of p(x|z).
+
+        The autoregressive decoder needs the images ``x`` (B, C, H, W) too: the logit of each
+        pixel is conditioned on the true pixels before it (teacher forcing). The conv decoder
+        ignores ``x``.
+        """
+        h = self._features(z)
+        if self.ar_head is None:
+            return h
+        if x is None:
+            raise ValueError("the autoregressive decoder scores images given x (decode_logits(z, x)); "
+                             "call decode(z) to draw new images")
+        return self.ar_head(h, x)
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """z (B, latent_dim) -> images (B, C, H, W) in [0, 1].
+
+        Conv decoder: the pixel means. Autoregressive decoder: with ``x``, each pixel's mean given
+        the true pixels before it; without, pixels are drawn one by one (``generator`` seeds the
+        draws) and each pixel's mean given the drawn ones is returned.
+        """
+        if self.ar_head is not None and x is None:
+            return self.ar_head.sample(self._features(z), generator)[0]
+        return torch.sigmoid(self.decode_logits(z, x))
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, log_var: torch.Tensor,
@@ -109,7 +218,7 @@ class VAE(nn.Module):
         """x -> (reconstruction, mu, log_var, z): the sampled z too, for losses that need it."""
         mu, log_var = self.encode(x)
         z = self.reparameterize(mu, log_var)
-        return self.decode(z), mu, log_var, z
+        return self.decode(z, x), mu, log_var, z
 
     @torch.no_grad()
     def sample(self, n: int, device: torch.device | str | None = None,
@@ -117,4 +226,4 @@ class VAE(nn.Module):
         """Draw n images from the prior: z ~ N(0, I), x = decode(z)."""
         device = device if device is not None else next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
-        return self.decode(z)
+        return self.decode(z, generator=generator)

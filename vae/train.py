@@ -159,7 +159,7 @@ def validate(model: nn.Module, loss_fn, batches: ImageBatches, recon_type: str, 
     for x, _ in batches:
         mu, log_var = model.encode(x)
         z = model.reparameterize(mu, log_var, generator=gen)
-        recon = model.decode(z)
+        recon = model.decode(z, x)
         nelbo, rec, kl = nelbo_fn(recon, x, mu, log_var)
         if not getattr(loss_fn, "needs_z", False):
             loss = loss_fn(recon, x, mu, log_var)[0]
@@ -228,7 +228,7 @@ class VAETrainer:
         val_batches = ImageBatches(val_split, 512, shuffle=False, max_batches=max_batches, **common)
         num_epochs = 1 if max_batches else cfg.train.num_epochs
 
-        model = VAE(**_model_kwargs(cfg)).to(device)
+        model = VAE(**cfg.model.as_kwargs()).to(device)
         if cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -410,12 +410,6 @@ class VAETrainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def _model_kwargs(cfg: Config) -> dict[str, Any]:
-    m = cfg.model
-    return {"in_channels": m.in_channels, "hidden_dims": list(m.hidden_dims), "latent_dim": m.latent_dim,
-            "image_size": m.image_size, "beta": m.beta}
 
 
 def build_parser() -> argparse.ArgumentParser:

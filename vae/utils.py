@@ -200,7 +200,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     state = load_checkpoint(path, map_location=device)
     try:
         m = validate_config(state["config"]).model
-        model = VAE(m.in_channels, list(m.hidden_dims), m.latent_dim, m.image_size, m.beta)
+        model = VAE(**m.as_kwargs())
         ema = state.get("ema_state")
         model.load_state_dict(ema["module"] if use_ema and ema is not None else state["model_state"])
     except (KeyError, TypeError, RuntimeError, ConfigError, AttributeError, ValueError, IndexError) as e:

@@ -1,0 +1,131 @@
+"""The autoregressive decoder: causal, a normalised distribution, sampling consistent with scoring."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vae.config import ConfigError, get_benchmark_config, get_default_config, validate_config
+from vae.model import VAE
+
+
+def _ar_vae(in_channels: int = 1, image_size: int = 28, kernel: int = 5, seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(in_channels, [4, 8], 3, image_size, decoder="autoregressive", ar_channels=8, ar_kernel=kernel).eval()
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_each_logit_sees_only_the_pixels_before_it(in_channels):
+    model = _ar_vae(in_channels)
+    x = torch.bernoulli(torch.full((2, in_channels, 28, 28), 0.4)).requires_grad_()
+    logits = model.decode_logits(torch.randn(2, 3), x)
+    i, j, k = 10, 12, 5
+    logits[0, -1, i, j].backward()
+    grad = x.grad[0].abs().sum(0)  # over channels
+    seen = torch.zeros(28, 28, dtype=torch.bool)
+    seen[i - k // 2:i, j - k // 2:j + k // 2 + 1] = True  # the rows above, inside the window
+    seen[i, j - k // 2:j] = True  # the pixels to the left in the same row
+    assert torch.all(grad[~seen] == 0), "a logit depends on its own pixel, a later one or one outside its window"
+    assert torch.count_nonzero(grad[seen]) == seen.sum()
+    assert torch.all(x.grad[1] == 0), "images in a batch must not see each other"
+
+
+def test_teacher_forcing_equals_a_pixelcnn_masked_convolution():
+    """The gathered-window MLP is a mask-'A' convolution of x plus a 1x1 convolution of h, then 1x1 layers."""
+    model, k = _ar_vae(kernel=5), 5
+    head = model.ar_head
+    z, x = torch.randn(3, 3), torch.bernoulli(torch.full((3, 1, 28, 28), 0.3))
+    with torch.no_grad():
+        h = model._features(z)
+        f = h.shape[1]
+        w_h, w_x = head.inp.weight[:, :f], head.inp.weight[:, f:]
+        kernel = torch.zeros(head.inp.out_features, 1, k, k)
+        kernel.view(head.inp.out_features, -1)[:, head.taps] = w_x
+        assert torch.all(kernel[:, :, k // 2, k // 2:] == 0) and torch.all(kernel[:, :, k // 2 + 1:] == 0)
+        a = F.conv2d(x, kernel, padding=k // 2) + F.conv2d(h, w_h[:, :, None, None], head.inp.bias)
+        a = F.conv2d(F.leaky_relu(a, 0.2), head.hidden.weight[:, :, None, None], head.hidden.bias)
+        expected = F.conv2d(F.leaky_relu(a, 0.2), head.out.weight[:, :, None, None], head.out.bias)
+        assert torch.allclose(model.decode_logits(z, x), expected, atol=1e-5)
+
+
+def test_the_decoder_is_a_normalised_distribution_over_all_binary_images():
+    """Sum over all 2^9 binary 3x3 images of p(x|z) = 1: the product of conditionals is a distribution."""
+    model = _ar_vae(image_size=3, kernel=3)
+    xs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9))).view(-1, 1, 3, 3)
+    z = torch.randn(1, 3).expand(len(xs), 3)
+    with torch.no_grad():
+        logits = model.decode_logits(z, xs)
+    log_p = -F.binary_cross_entropy_with_logits(logits, xs, reduction="none").flatten(1).sum(1)
+    assert float(torch.logsumexp(log_p.double(), 0).exp()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_samples_are_scored_by_teacher_forcing_with_the_same_probabilities():
+    model = _ar_vae()
+    with torch.no_grad():
+        h = model._features(torch.randn(4, 3))
+        probs, drawn = model.ar_head.sample(h, torch.Generator().manual_seed(1))
+        assert set(drawn.unique().tolist()) <= {0.0, 1.0}
+        assert torch.allclose(torch.sigmoid(model.ar_head(h, drawn)), probs, atol=1e-5)
+        again, _ = model.ar_head.sample(h, torch.Generator().manual_seed(1))
+    assert torch.equal(probs, again)
+
+
+def test_decode_without_images_samples_and_decode_logits_explains_what_it_needs():
+    model = _ar_vae()
+    out = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (5, 1, 28, 28) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    with pytest.raises(ValueError, match=r"decode_logits\(z, x\)"):
+        model.decode_logits(torch.randn(2, 3))
+
+
+def test_forward_is_teacher_forced_and_learns_what_the_previous_pixels_predict():
+    """Stripes of random phase: each pixel is the opposite of its left neighbour, which only the context shows."""
+    model = _ar_vae().train()
+    phase = torch.randint(0, 2, (16, 1, 1, 1)).float()
+    x = ((torch.arange(28).view(1, 1, 1, 28) + phase) % 2).expand(16, 1, 28, 28).contiguous()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        recon, mu, log_var = model(x)
+        loss = F.binary_cross_entropy(recon, x, reduction="sum") / len(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 400 and losses[-1] < 50, losses[::10]  # 784·ln 2 = 543 nats for coin flips
+
+
+def test_config_rejects_an_autoregressive_decoder_without_bce_and_an_even_kernel():
+    with pytest.raises(ConfigError) as err:
+        validate_config({**get_default_config(), "decoder": "autoregressive", "ar_kernel": 6})
+    message = str(err.value)
+    assert "decoder:" in message and "bce" in message
+    assert "ar_kernel: must be odd" in message
+    cfg = validate_config(get_benchmark_config())
+    assert cfg.model.decoder == "autoregressive" and cfg.loss.reconstruction_loss_type == "bce"
+
+
+def test_trainer_checkpoint_and_evaluation_work_with_the_autoregressive_decoder(tiny_config):
+    from vae.evaluate import evaluate
+    from vae.sample import VAESampler
+    from vae.train import VAETrainer
+    from vae.utils import load_model
+
+    cfg = {**tiny_config, "decoder": "autoregressive", "ar_channels": 8, "ar_kernel": 3,
+           "reconstruction_loss_type": "bce", "binarize": "dynamic", "num_epochs": 2}
+    result = VAETrainer(cfg).train()
+    assert result["status"] == "completed"
+    history = [row["val/nelbo"] for row in result["history"]]
+    assert history[-1] < history[0]
+    model, _ = load_model(result["best_model_path"])
+    assert model.autoregressive
+    from vae.data import load_dataset
+
+    metrics = evaluate(model, load_dataset(cfg["data_dir"]), loss_type="bce", binarize="dynamic", k=16,
+                       probe=False, fid=False, max_test_images=50)
+    assert metrics["test/iw_nll_k16"] < metrics["test/nelbo"]
+    samples = VAESampler(result["best_model_path"]).sample_random(4)
+    assert samples.shape == (4, 1, 28, 28)
