@@ -10,6 +10,8 @@ interrupted); the tag ``trial_state`` says which in Optuna's words.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any, Mapping
 
@@ -18,13 +20,14 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from tuning.options import SweepOptions, redact
 
-__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "close_orphaned_trial_runs", "log_summary",
-           "TAG_TRIAL_STATE"]
+__all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "close_orphaned_trial_runs",
+           "close_dead_parent_runs", "log_summary", "TAG_TRIAL_STATE"]
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_STUDY = "optuna.study_name"
 TAG_TRIAL_NUMBER = "optuna.trial_number"
 TAG_TRIAL_STATE = "trial_state"  # complete | pruned | failed | interrupted
+TAG_HOST, TAG_PID = "sweep.host", "sweep.pid"  # where the parent run's process lives
 _RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "FAILED"}
 
 
@@ -33,7 +36,8 @@ def start_parent_run(client: MlflowClient, opts: SweepOptions) -> tuple[str, str
     exp_id = tracking.ensure_experiment(client, opts.experiment_name)
     run = client.create_run(exp_id, run_name=f"{opts.study_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags={
         tracking.TAG_RUN_KIND: "sweep", TAG_STUDY: opts.study_name, "optuna.storage": redact(opts.storage),
-        "optuna.sampler": opts.sampler, "optuna.pruner": opts.pruner, "optuna.metrics": ",".join(opts.metrics)})
+        "optuna.sampler": opts.sampler, "optuna.pruner": opts.pruner, "optuna.metrics": ",".join(opts.metrics),
+        TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
     params = {"sweep.n_trials": opts.n_trials, "sweep.n_workers": opts.n_workers, "sweep.seed": opts.seed,
               "sweep.timeout": opts.timeout, "sweep.objective": opts.objective,
               "sweep.multi_objective": opts.multi_objective,
@@ -71,6 +75,34 @@ def close_orphaned_trial_runs(client: MlflowClient, trials) -> int:
         run_id = t.user_attrs.get("mlflow_run_id")
         if t.state.name == "FAIL" and run_id and client.get_run(run_id).info.status == "RUNNING":
             end_trial_run(client, run_id, "failed", reason="its worker died (trial failed by Optuna's heartbeat check)")
+            closed += 1
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def close_dead_parent_runs(client: MlflowClient, exp_id: str, study_name: str) -> int:
+    """End KILLED the parent runs of ``study_name`` left RUNNING by a sweep process that no longer exists.
+
+    Only runs started on this host are judged (by their pid); sweeps running on other machines
+    against the same study are left alone. Returns how many were closed.
+    """
+    host, closed = socket.gethostname(), 0
+    for run in client.search_runs([exp_id], filter_string=(
+            f"tags.{tracking.TAG_RUN_KIND} = 'sweep' and tags.`{TAG_STUDY}` = '{study_name}' "
+            f"and attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'")):
+        pid = run.data.tags.get(TAG_PID, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "sweep.end_reason", f"its process (pid {pid}) died without ending it")
+            client.set_terminated(run.info.run_id, status="KILLED")
             closed += 1
     return closed
 

@@ -51,6 +51,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     client = tracking.get_client()
     runs.close_orphaned_trial_runs(client, study.get_trials(deepcopy=False))
     exp_id, parent = runs.start_parent_run(client, opts)
+    runs.close_dead_parent_runs(client, exp_id, opts.study_name)  # sweeps killed outright on this machine
     link = tracking.run_link(client, exp_id, parent)
     print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage)}; "
           f"{opts.n_trials} more on {opts.n_workers} worker(s); MLflow run {link}", flush=True)

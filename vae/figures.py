@@ -77,7 +77,8 @@ def plot_prior_samples(model: nn.Module, path: str | Path, num_samples: int = 64
     fig = _figure(6, 6.4)
     ax = fig.subplots()
     ax.imshow(_grid_image(_decode(model, z), nrow), cmap="gray", vmin=0, vmax=1)
-    ax.set_title(f"{num_samples} prior samples, z ~ N(0, I) (decoder means)")
+    means = "pixel means given the pixels drawn before" if getattr(model, "autoregressive", False) else "decoder means"
+    ax.set_title(f"{num_samples} prior samples, z ~ N(0, I) ({means})")
     ax.set_xlabel("sample (column)")
     ax.set_ylabel("sample (row)")
     ax.set_xticks([]), ax.set_yticks([])

@@ -150,3 +150,10 @@ def test_killed_sweep_worker_leaves_its_trial_failed_and_the_study_usable(procs,
     client = tracking.get_client()
     killed_run = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert killed_run.info.status != "RUNNING", "the killed trial's MLflow run still says RUNNING"
+    # ... nor the killed sweep's parent run: the next sweep on this machine saw its process gone.
+    parents = client.search_runs([killed_run.info.experiment_id], filter_string="tags.run_kind = 'sweep'",
+                                 order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    assert parents[0].info.status == "KILLED", "the killed sweep's parent run still says RUNNING"
+    assert "died" in parents[0].data.tags["sweep.end_reason"]
+    assert parents[1].info.status == "FINISHED"
