@@ -138,9 +138,14 @@ def test_sigkill_at_random_moments_and_sigterm_then_resume_matches(procs, tmp_pa
         tally("faults")
     t0 = time.monotonic()
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
     assert time.monotonic() - t0 < 30
     state = load_checkpoint(run_dir / "last.pth")
+    if proc.returncode == -signal.SIGTERM:
+        # On a slow machine the signal can land after train() returned and restored the default
+        # handlers (the CLI is printing its summary): fine only if everything was already saved.
+        assert state["epoch"] == EPOCHS and not state["partial"], err[-2000:]
+    else:
+        assert proc.returncode == 0, err[-2000:]
     print(f"after SIGTERM: epoch {state['epoch']}, partial {state['partial'] and state['partial']['next_batch']}")
     if "stopped (SIGTERM)" in out:  # stopped mid-run: the checkpoint says where to continue
         assert "--resume" in out
