@@ -13,6 +13,7 @@ logs through ``MlflowClient`` with an explicit run id, never the fluent ``mlflow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -105,13 +106,21 @@ def get_client() -> MlflowClient:
 _READY_STORES: set[str] = set()  # local store URIs whose schema this process has seen ready
 
 
+@contextlib.contextmanager
+def exclusive_file_lock(path: str | Path):
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block: the one
+    way processes started at once on a new SQLite database take turns creating its schema."""
+    import fcntl
+
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def _open_local_store_once(uri: str) -> MlflowClient:
     """Open a local store under an exclusive file lock: processes that start at once on a new
     SQLite store would otherwise race on creating its schema (one of them crashes)."""
-    import fcntl
-
-    with open(local_store_dir() / ".schema.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with exclusive_file_lock(local_store_dir() / ".schema.lock"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates or migrates the tables
         client.search_registered_models(max_results=1)  # and the registry's
     return client

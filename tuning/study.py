@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines import tracking
 from tuning.options import SweepError, SweepOptions, optuna_dir, redact
 
 __all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
@@ -57,12 +58,9 @@ def _creation_lock(url: str):
     if not url.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     path = Path(url[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with tracking.exclusive_file_lock(path.with_name(path.name + ".lock")):
         yield
 
 

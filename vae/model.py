@@ -118,7 +118,6 @@ class VAE(nn.Module):
         self.hidden_dims = hidden_dims
         if decoder not in ("conv", "autoregressive"):
             raise ValueError(f"decoder must be 'conv' or 'autoregressive', got {decoder!r}")
-        self.decoder_type = decoder
 
         # Spatial size after each stage, e.g. 28 -> [14, 7, 4, 2] for four stages.
         sizes = [image_size]
