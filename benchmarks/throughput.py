@@ -46,6 +46,7 @@ BATCH, EVAL_BATCH, LR, WD = 128, 512, 1e-3, 1e-4
 TRAINER_VARIANTS = {
     "trainer": {},
     "trainer-contiguous": {"channels_last": False},
+    "trainer-no-retain": {"retain_memory": False},  # glibc returns freed activations to the OS every step
     "trainer-compile": {"compile": True},
     "trainer-amp": {"amp": True},  # bf16 autocast: different numerics, so not the headline row
     "trainer-amp-compile": {"amp": True, "compile": True},

@@ -116,6 +116,8 @@ class RunConfig:
     amp: bool = _f(False, "bf16 autocast on CUDA, or on CPUs with bf16 units (AMX)")
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the model")
+    retain_memory: bool = _f(True, "keep freed memory in the process during training instead of returning it "
+                                   "to the OS each step (Linux/glibc; avoids page faults, ~1.4x on CPU)")
     sample_every: int = _f(5, "write a sample grid every N epochs (0 = never)", ge=0)
     log_every: int = _f(50, "optimizer steps between progress updates (one host sync each)", ge=1)
     progress: bool = _f(True, "show tqdm progress bars")

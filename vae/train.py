@@ -34,14 +34,14 @@ from vae.data import DataError, ImageBatches, ImageData, load_dataset, split_tra
 from vae.losses import VAELoss, build_loss
 from vae.model import VAE
 from vae.utils import EMA, CheckpointError, create_lr_scheduler, create_optimizer, get_device, gradient_clip, \
-    load_checkpoint, save_checkpoint, set_seed
+    load_checkpoint, retained_heap, save_checkpoint, set_seed
 
 # Metric keys, defined once (flat, slash-separated; trackers log them as they are).
 TRAIN_KEYS = ("train/loss", "train/recon", "train/kl", "train/tc")
 VAL_KEYS = ("val/loss", "val/nelbo", "val/recon", "val/kl")
 # Keys a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_OVERRIDES = frozenset({"num_epochs", "progress", "device", "log_every", "sample_every", "data_dir",
-                                 "checkpoint_dir", "fast_dev_run"})
+                                 "checkpoint_dir", "fast_dev_run", "retain_memory"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -254,7 +254,7 @@ class VAETrainer:
             cb.on_train_start(self)
 
         status = "completed"
-        with self._signal_handlers():
+        with self._signal_handlers(), retained_heap(cfg.run.retain_memory):
             for epoch in range(start_epoch, num_epochs + 1):
                 train_batches.set_epoch(epoch)
                 t0 = time.perf_counter()

@@ -211,6 +211,16 @@ def test_resume_restores_the_beta_schedule(tiny_config, tmp_path):
     _assert_same_history(resumed["history"], reference["history"])
 
 
+def test_retaining_memory_changes_no_result_and_may_change_on_resume(tiny_config, reference):
+    assert reference["history"] and tiny_config["retain_memory"] is True  # the reference kept freed memory
+    VAETrainer({**tiny_config, "retain_memory": False}, callbacks=[StopAfterEpoch(1)]).train()
+    final = VAETrainer(tiny_config, resume=True).train()
+    _assert_same_history(final["history"], reference["history"])
+    ref_state = load_checkpoint(reference["last_model_path"])["model_state"]
+    for key, value in load_checkpoint(final["last_model_path"])["model_state"].items():
+        torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_may_extend_num_epochs(tiny_config):
     VAETrainer({**tiny_config, "num_epochs": 1}).train()
     result = VAETrainer({**tiny_config, "num_epochs": 2}, resume=True).train()
