@@ -32,6 +32,80 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
 
 
+# The three layer classes below compute what nn.Conv2d / nn.ConvTranspose2d compute, with the same
+# parameters and state_dict keys, in a form that runs faster on the CPU's oneDNN kernels (measured
+# in BENCHMARKS.md, "Training throughput"). Checkpoints are interchangeable with the plain layers.
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the bias added after the convolution: y = conv(x, W) + b.
+
+    oneDNN folds the bias gradient into its weight-gradient kernel, which then costs more than a
+    separate sum over the output gradient (most for the 32-channel 28×28 layer).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.weight, None)
+        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with the bias added after the convolution (see :class:`Conv2d`)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, pad, self.groups, self.dilation)
+        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
+
+
+class _ShiftSum(torch.autograd.Function):
+    """(B, C, k·k, H, W) tap maps -> (B, C, H, W): y[h, w] = Σ_t P_t[h + dy_t − k//2, w + dx_t − k//2]
+    (zero outside), t = dy_t·k + dx_t. Backward: each tap's gradient is the output gradient shifted back."""
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor, k: int) -> torch.Tensor:
+        h, w, p = taps.shape[-2], taps.shape[-1], k // 2
+        padded = F.pad(taps, (p, p, p, p))
+        y = padded[:, :, 0, :h, :w].clone()
+        for t in range(1, k * k):
+            dy, dx = divmod(t, k)
+            y += padded[:, :, t, dy:dy + h, dx:dx + w]
+        ctx.k = k
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k = ctx.k
+        h, w, p = grad.shape[-2], grad.shape[-1], k // 2
+        padded = F.pad(grad, (p, p, p, p))
+        shifts = [padded[:, :, k - 1 - dy:k - 1 - dy + h, k - 1 - dx:k - 1 - dx + w] for dy in range(k) for dx in range(k)]
+        return torch.stack(shifts, dim=2), None
+
+
+class OutputConv(nn.Conv2d):
+    """``nn.Conv2d(in, out, k, padding=k//2)`` for a few output channels (the image), computed as a
+    1×1 convolution to out·k·k tap maps, then a shifted sum of the maps.
+
+    A convolution with one output channel fits oneDNN's channel blocking badly: at 32→1, 28×28 it
+    took longer than the 32→32 layer before it. The 1×1 form does the same multiply-adds in
+    kernels that are blocked on the k·k taps instead.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, k = self.out_channels, self.kernel_size[0]
+        # (out, in, k, k) -> (out·k·k, in, 1, 1): row o·k·k + t holds tap t of output channel o
+        w = self.weight.permute(0, 2, 3, 1).reshape(out * k * k, self.in_channels, 1, 1)
+        taps = F.conv2d(x, w)  # (B, out·k·k, H, W)
+        if taps.dtype in (torch.float16, torch.bfloat16):  # under autocast: the shifted sums in float32
+            taps = taps.float()
+        y = _ShiftSum.apply(taps.unflatten(1, (out, k * k)), k)
+        return y + self.bias.view(-1, 1, 1)
+
+
 class LocalAutoregressiveHead(nn.Module):
     """Bernoulli logits of p(x_i | z, x_<i) from decoder features and the causal neighbourhood of x.
 
@@ -129,7 +203,7 @@ class VAE(nn.Module):
         # (B, C, 28, 28) -> (B, 32, 14, 14) -> (B, 64, 7, 7) -> (B, 128, 4, 4) -> (B, 256, 2, 2)
         stages, c = [], in_channels
         for h in hidden_dims:
-            stages.append(_block(nn.Conv2d(c, h, 3, stride=2, padding=1), h))
+            stages.append(_block(Conv2d(c, h, 3, stride=2, padding=1), h))
             c = h
         self.encoder = nn.Sequential(*stages)
         self.fc_mu = nn.Linear(flat, latent_dim)
@@ -143,14 +217,14 @@ class VAE(nn.Module):
         for i in range(len(rev) - 1):
             target = sizes[len(rev) - 1 - i]
             pad = target - (2 * sizes[len(rev) - i] - 1)
-            up.append(_block(nn.ConvTranspose2d(rev[i], rev[i + 1], 3, stride=2, padding=1, output_padding=pad),
+            up.append(_block(ConvTranspose2d(rev[i], rev[i + 1], 3, stride=2, padding=1, output_padding=pad),
                              rev[i + 1]))
         self.decoder = nn.Sequential(*up)
         pad = image_size - (2 * sizes[1] - 1)
         # (B, 32, 14, 14) -> (B, 32, 28, 28) -> (B, C, 28, 28) logits
-        up_last = _block(nn.ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=pad), rev[-1])
+        up_last = _block(ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=pad), rev[-1])
         if decoder == "conv":
-            self.final_layer = nn.Sequential(up_last, nn.Conv2d(rev[-1], in_channels, 3, padding=1))
+            self.final_layer = nn.Sequential(up_last, OutputConv(rev[-1], in_channels, 3))
             self.ar_head = None
         else:  # the head turns the 28x28 features into logits, given the pixels before each one
             self.final_layer = nn.Sequential(up_last)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vae.model import VAE
+from vae.model import VAE, Conv2d, ConvTranspose2d, OutputConv
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +104,83 @@ def test_sample_is_reproducible_with_a_generator():
 
 def test_sample_does_not_track_gradients():
     assert not VAE(hidden_dims=[8], latent_dim=2).sample(2).requires_grad
+
+
+# -- the layer classes: the plain layers' function, parameters and gradients -------------------------
+def _plain_twin(layer: torch.nn.Module) -> torch.nn.Module:
+    """The torch.nn layer the class stands for, with the same parameters (its state_dict, loaded)."""
+    if isinstance(layer, ConvTranspose2d):
+        twin = torch.nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                        layer.padding, layer.output_padding, bias=layer.bias is not None)
+    else:
+        twin = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                               bias=layer.bias is not None)
+    twin.load_state_dict(layer.state_dict())
+    return twin.to(next(layer.parameters()).dtype)
+
+
+def _outputs_and_grads(layer, x):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    return [y, x.grad, *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Conv2d(1, 32, 3, stride=2, padding=1), (4, 1, 28, 28)),
+    (lambda: Conv2d(64, 128, 3, stride=2, padding=1), (4, 64, 7, 7)),
+    (lambda: ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (4, 64, 7, 7)),
+    (lambda: ConvTranspose2d(128, 64, 3, stride=2, padding=1, output_padding=0), (4, 128, 4, 4)),
+    (lambda: OutputConv(32, 1, 3), (4, 32, 28, 28)),
+    (lambda: OutputConv(8, 3, 5), (3, 8, 9, 11)),  # RGB output, a 5×5 kernel, a non-square image
+    (lambda: Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 5, 5)),
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layers_compute_the_plain_layers_function_and_gradients(make, shape, channels_last):
+    torch.manual_seed(0)
+    layer = make().double()
+    twin = _plain_twin(layer)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        layer, twin = layer.to(memory_format=torch.channels_last), twin.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    for ours, plain in zip(_outputs_and_grads(layer, x), _outputs_and_grads(twin, x)):
+        torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_output_conv_passes_gradcheck():
+    layer = OutputConv(3, 2, 3).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda inp, weight, bias: torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (inp,)), (x, w, b))
+
+
+def test_output_conv_under_bf16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    layer, x = OutputConv(32, 1, 3), torch.randn(4, 32, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _plain_twin(layer)(x), rtol=0.05, atol=0.1)
+
+
+def test_output_conv_rejects_an_even_kernel():
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        OutputConv(4, 1, 4)
+
+
+def test_checkpoints_of_plain_layers_load_and_give_the_same_images():
+    """A state_dict written by the same architecture built from torch.nn layers loads as it is."""
+    torch.manual_seed(0)
+    ours = VAE(hidden_dims=(8, 16, 32), latent_dim=4).eval()
+    plain = VAE(hidden_dims=(8, 16, 32), latent_dim=4).eval()
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, (Conv2d, ConvTranspose2d, OutputConv)):
+            parent = plain.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], _plain_twin(module))
+    assert not any(type(m) in (Conv2d, ConvTranspose2d, OutputConv) for m in plain.modules())
+    ours.load_state_dict(plain.state_dict())
+    z = torch.randn(5, 4)
+    torch.testing.assert_close(ours.decode(z), plain.decode(z), rtol=1e-5, atol=1e-6)
