@@ -4,7 +4,7 @@ under glibc's default heap or ``retained_heap``.
 A forward pass, the MSE loss and a backward pass of the seed's default VAE (hidden 32-64-128-256,
 latent 128) on a batch of 128 random 28×28 images, channels-last, on the CPU. "plain" is the same
 model with every ``vae.model.Conv2d`` / ``ConvTranspose2d`` / ``OutputConv`` swapped for the
-``torch.nn`` layer it stands for, loaded with the same parameters. All four run in one process,
+``torch.nn`` layer it stands for and the activations not in place, loaded with the same parameters. All four run in one process,
 in blocks of ``--steps`` steps, interleaved over ``--rounds`` rounds; the table shows the median
 step time of each, and the minor page faults per step (the kernel mapping fresh pages).
 
@@ -20,29 +20,11 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
+from benchmarks._reference import plain_twin
 from vae.losses import VAELoss
-from vae.model import VAE, Conv2d, ConvTranspose2d, OutputConv
+from vae.model import VAE
 from vae.utils import retained_heap
-
-
-def plain_twin(model: VAE) -> VAE:
-    """The same model built from torch.nn layers (same parameters, same state_dict)."""
-    plain = VAE()
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, ConvTranspose2d):
-            layer = nn.ConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                       module.padding, module.output_padding)
-        elif isinstance(module, (Conv2d, OutputConv)):
-            layer = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                              module.padding)
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent), child, layer)
-    plain.load_state_dict(model.state_dict())
-    return plain
 
 
 def main(argv=None) -> None:

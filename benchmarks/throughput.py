@@ -10,7 +10,11 @@ batch 128, MSE) on the same MNIST images:
   (contiguous layout, ``torch.optim.Adam``, nothing else): training epochs only.
 - ``pythae``: pythae 0.1.2's ``TrainingPipeline`` with the same encoder and decoder (wrapped in
   pythae's ``BaseEncoder``/``BaseDecoder``), AdamW, the same batch sizes, evaluation each epoch and
-  its final model save.
+  its final model save. The encoder and decoder are the seed's architecture as a torch.nn user
+  writes it (``benchmarks._reference.plain_twin``: ``nn.Conv2d``/``nn.ConvTranspose2d``, the
+  activation not in place; the same function and parameters as ``vae.model.VAE``).
+- ``pythae-vae-layers``: the same pipeline given ``vae.model.VAE``'s own layers (faster forms of
+  the same function), to separate what the layers give from what the trainer gives.
 
 Every run is a fresh subprocess (so peak RSS is per contender), contenders are interleaved
 (A, B, C, A, B, C, ...) and the table shows medians. images/s = training images x epochs / wall
@@ -18,7 +22,7 @@ time of the whole call (data already in memory for everyone; loading it is not t
 machine the wall clock depends on the neighbours; images per CPU-second (the process's user+sys
 time over the same span) is the steadier measure of the work each contender does.
 
-    python -m benchmarks.throughput            # defaults: 2,560 train + 256 validation images, 2 epochs, 3 rounds
+    python -m benchmarks.throughput            # defaults: 10,240 train + 1,024 validation images, 2 epochs, 3 rounds
     python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
     python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 1280   # a quick look
 
@@ -39,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._reference import plain_twin
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH, EVAL_BATCH, LR, WD = 128, 512, 1e-3, 1e-4
 
@@ -51,7 +57,7 @@ TRAINER_VARIANTS = {
     "trainer-amp": {"amp": True},  # bf16 autocast: different numerics, so not the headline row
     "trainer-amp-compile": {"amp": True, "compile": True},
 }
-CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae"]
+CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae", "pythae-vae-layers"]
 
 
 def _peak_rss_mb() -> float:
@@ -166,7 +172,7 @@ def run_pythae(args, name: str) -> dict:
     n = len(train) // BATCH * BATCH
     x_train = train.images[:n].unsqueeze(1).float().div(255)
     x_val = val.images.unsqueeze(1).float().div(255)
-    vae = VAE()
+    vae = VAE() if name == "pythae-vae-layers" else plain_twin(VAE())
     model = PythaeVAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=vae.latent_dim, reconstruction_loss="mse"),
                       encoder=Encoder(vae), decoder=Decoder(vae))
     timer = TrainLoopTimer()
@@ -180,7 +186,8 @@ def run_pythae(args, name: str) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "images": n * args.epochs, "train_loop_ips": n / statistics.median(timer.spans)}
 
 
-WORKERS = {**{name: run_trainer for name in TRAINER_VARIANTS}, "bare": run_bare, "pythae": run_pythae}
+WORKERS = {**{name: run_trainer for name in TRAINER_VARIANTS}, "bare": run_bare, "pythae": run_pythae,
+           "pythae-vae-layers": run_pythae}
 
 
 def _worker(args) -> None:
@@ -223,10 +230,11 @@ def _table(results: dict[str, list[dict]], baseline: str = "pythae") -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contenders", nargs="+", default=["trainer", "bare", "pythae"], choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", default=["trainer", "bare", "pythae", "pythae-vae-layers"],
+                   choices=CONTENDERS)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-samples", type=int, default=2560, help="training images (multiple of 128)")
-    p.add_argument("--val-size", type=int, default=256, help="validation images")
+    p.add_argument("--train-samples", type=int, default=10240, help="training images (multiple of 128)")
+    p.add_argument("--val-size", type=int, default=1024, help="validation images")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows medians")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every run (0 = torch default)")
     p.add_argument("--json", type=Path, help="also write all runs to this file")

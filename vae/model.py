@@ -29,7 +29,8 @@ def _conv_out(size: int) -> int:
 
 
 def _block(conv: nn.Module, channels: int) -> nn.Sequential:
-    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
+    # In place: BatchNorm's backward reads its input, not its output, so the activation may overwrite it.
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2, inplace=True))
 
 
 # The three layer classes below compute what nn.Conv2d / nn.ConvTranspose2d compute, with the same
@@ -44,8 +45,8 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._conv_forward(x, self.weight, None)
-        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
+        y = self._conv_forward(x, self.weight, None)  # a new tensor that backward does not read:
+        return y if self.bias is None else y.add_(self.bias.view(-1, 1, 1))  # add in place
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -54,7 +55,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, pad, self.groups, self.dilation)
-        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
+        return y if self.bias is None else y.add_(self.bias.view(-1, 1, 1))
 
 
 class _ShiftSum(torch.autograd.Function):
@@ -69,7 +70,7 @@ class _ShiftSum(torch.autograd.Function):
         for t in range(1, k * k):
             dy, dx = divmod(t, k)
             y += padded[:, :, t, dy:dy + h, dx:dx + w]
-        ctx.k = k
+        ctx.k, ctx.channels_last = k, taps.stride(2) == 1  # taps from a channels-last convolution
         return y
 
     @staticmethod
@@ -78,6 +79,8 @@ class _ShiftSum(torch.autograd.Function):
         h, w, p = grad.shape[-2], grad.shape[-1], k // 2
         padded = F.pad(grad, (p, p, p, p))
         shifts = [padded[:, :, k - 1 - dy:k - 1 - dy + h, k - 1 - dx:k - 1 - dx + w] for dy in range(k) for dx in range(k)]
+        if ctx.channels_last:  # the gradient in the taps' own layout, (B, H, W, C, k·k) in memory: no reorder
+            return torch.stack([s.permute(0, 2, 3, 1) for s in shifts], dim=-1).permute(0, 3, 4, 1, 2), None
         return torch.stack(shifts, dim=2), None
 
 
