@@ -41,12 +41,13 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip uninstall --quiet -y dataclasses || true
 	@touch $@
 
-# OMP_WAIT_POLICY=PASSIVE: on a shared CPU, OpenMP threads that spin while waiting made every
-# contender several times slower (benchmarks/throughput.py; see BENCHMARKS.md). Override to compare.
+# On a CPU shared with other jobs, run `OMP_WAIT_POLICY=PASSIVE make bench`: OpenMP threads that
+# spin while waiting made every contender several times slower there; on a quiet machine PASSIVE
+# costs up to half the throughput instead (BENCHMARKS.md, "Training throughput").
 bench: install $(VENV)/.bench-installed  ## run every benchmark script in benchmarks/ (CPU; installs the bench extra)
 	@set -e; for f in benchmarks/*.py; do \
 	  case $$f in */__init__.py|*/_*) continue;; esac; \
-	  m=$${f%.py}; echo "== $$m"; OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m $${m//\//.}; \
+	  m=$${f%.py}; echo "== $$m"; $(PY) -m $${m//\//.}; \
 	done
 
 clean:  ## remove run outputs (keeps mlruns/ and .venv)

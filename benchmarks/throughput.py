@@ -1,6 +1,6 @@
 """Training throughput on the CPU: the project's trainer against a bare loop and pythae.
 
-Three contenders train the seed's default architecture (hidden 32-64-128-256, latent 128,
+The contenders train the seed's default architecture (hidden 32-64-128-256, latent 128,
 batch 128, MSE) on the same MNIST images:
 
 - ``trainer``: ``VAETrainer(config).train()`` as a user runs it: every epoch with validation,
@@ -26,7 +26,7 @@ time over the same span) is the steadier measure of the work each contender does
     python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
     python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 1280   # a quick look
 
-On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does): spinning
+On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` (on a quiet one it costs up to half): spinning
 OpenMP threads made every contender several times slower there.
 """
 

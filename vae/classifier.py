@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae.data import ImageData
-from vae.utils import CheckpointError, load_checkpoint, save_checkpoint
+from vae.utils import CheckpointError, load_checkpoint, retained_heap, save_checkpoint
 
 __all__ = ["DigitClassifier", "classifier_accuracy", "classifier_cache_path", "get_classifier",
            "predict_features", "train_classifier"]
@@ -63,6 +63,7 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images if images.dim() == 4 else images.unsqueeze(1)
 
 
+@retained_heap()  # a training loop: the same activation buffers every step (see vae.utils.retained_heap)
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, width: int = 32, feature_dim: int = 128,
                      epochs: int = 3, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
                      device: str | torch.device = "cpu") -> DigitClassifier:

@@ -42,6 +42,7 @@ from torch import nn
 from vae.data import ImageBatches, ImageData, Split, load_dataset, static_binarize
 from vae.losses import gaussian_kl, log_normal, log_px_given_z
 from vae.model import VAE
+from vae.utils import retained_heap
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "active_units", "class_entropy", "elbo_and_latents", "encode_means",
            "evaluate", "frechet_distance", "iw_bound", "iw_log_weights", "iw_nll", "linear_probe",
@@ -231,6 +232,7 @@ def _eval_images(split: Split, binarize: str, seed: int, limit: int) -> Split:
     return Split(images, labels)
 
 
+@retained_heap()  # the IW bound allocates and frees the same large buffers chunk after chunk
 def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None = None, loss_type: str = "bce",
              binarize: str = "none", k: int = 1000, device: str | torch.device | None = None, probe: bool = True,
              fid: bool = True, classifier: nn.Module | None = None, classifier_cache: str | Path | None = None,
