@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmarks._reference import plain_twin
+from benchmarks._reference import plain_layer, plain_twin
 from vae.model import VAE, Conv2d, ConvTranspose2d, OutputConv
 
 
@@ -108,18 +108,6 @@ def test_sample_does_not_track_gradients():
 
 
 # -- the layer classes: the plain layers' function, parameters and gradients -------------------------
-def _plain_twin(layer: torch.nn.Module) -> torch.nn.Module:
-    """The torch.nn layer the class stands for, with the same parameters (its state_dict, loaded)."""
-    if isinstance(layer, ConvTranspose2d):
-        twin = torch.nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                        layer.padding, layer.output_padding, bias=layer.bias is not None)
-    else:
-        twin = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                               bias=layer.bias is not None)
-    twin.load_state_dict(layer.state_dict())
-    return twin.to(next(layer.parameters()).dtype)
-
-
 def _outputs_and_grads(layer, x):
     x = x.clone().requires_grad_(True)
     y = layer(x)
@@ -140,7 +128,7 @@ def _outputs_and_grads(layer, x):
 def test_layers_compute_the_plain_layers_function_and_gradients(make, shape, channels_last):
     torch.manual_seed(0)
     layer = make().double()
-    twin = _plain_twin(layer)
+    twin = plain_layer(layer)
     x = torch.randn(shape, dtype=torch.float64)
     if channels_last:
         layer, twin = layer.to(memory_format=torch.channels_last), twin.to(memory_format=torch.channels_last)
@@ -164,7 +152,7 @@ def test_output_conv_under_bf16_autocast_stays_close_to_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, _plain_twin(layer)(x), rtol=0.05, atol=0.1)
+    torch.testing.assert_close(y, plain_layer(layer)(x), rtol=0.05, atol=0.1)
 
 
 def test_output_conv_rejects_an_even_kernel():
