@@ -3,10 +3,10 @@ under glibc's default heap or ``retained_heap``.
 
 A forward pass, the MSE loss and a backward pass of the seed's default VAE (hidden 32-64-128-256,
 latent 128) on a batch of 128 random 28×28 images, channels-last, on the CPU. "plain" is the same
-model with every ``vae.model.Conv2d`` / ``ConvTranspose2d`` / ``OutputConv`` swapped for the
-``torch.nn`` layer it stands for and the activations not in place, loaded with the same parameters. All four run in one process,
-in blocks of ``--steps`` steps, interleaved over ``--rounds`` rounds; the table shows the median
-step time of each, and the minor page faults per step (the kernel mapping fresh pages).
+model in plain torch.nn layers (``benchmarks._reference.plain_twin``), with the same parameters.
+All four run in one process, in blocks of ``--steps`` steps, interleaved over ``--rounds`` rounds;
+the table shows the median step time of each, and the minor page faults per step (the kernel
+mapping fresh pages).
 
     python -m benchmarks.step                 # 2 threads (torch's default here), 8 rounds of 10 steps
     python -m benchmarks.step --threads 1

@@ -26,8 +26,8 @@ time over the same span) is the steadier measure of the work each contender does
     python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
     python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 1280   # a quick look
 
-On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` (on a quiet one it costs up to half): spinning
-OpenMP threads made every contender several times slower there.
+On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads made every
+contender several times slower there. On a quiet CPU it costs up to half the throughput instead.
 """
 
 from __future__ import annotations
