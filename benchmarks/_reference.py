@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from vae.model import VAE, Conv2d, ConvTranspose2d, OutputConv
+from vae.model import VAE, Conv2d, ConvTranspose2d, Linear, OutputConv
 
 
 def plain_layer(module: nn.Module) -> nn.Module | None:
     """The torch.nn layer a ``vae.model`` layer stands for, with its parameters (state_dict loaded):
     ``nn.ConvTranspose2d`` / ``nn.Conv2d`` for ``ConvTranspose2d`` / ``Conv2d`` and ``OutputConv``,
-    ``nn.LeakyReLU`` not in place for an in-place one; None for any other module."""
+    ``nn.Linear`` for ``Linear``, ``nn.LeakyReLU`` not in place for an in-place one; None for any other
+    module."""
     bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.LeakyReLU):
         return nn.LeakyReLU(module.negative_slope)
-    if isinstance(module, ConvTranspose2d):
+    if isinstance(module, Linear):
+        layer = nn.Linear(module.in_features, module.out_features, bias=bias)
+    elif isinstance(module, ConvTranspose2d):
         layer = nn.ConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                    module.padding, module.output_padding, bias=bias)
     elif isinstance(module, (Conv2d, OutputConv)):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vae import gemm
+
 
 def _conv_out(size: int) -> int:
     """Spatial size after Conv2d(kernel 3, stride 2, padding 1)."""
@@ -33,26 +35,60 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2, inplace=True))
 
 
-# The three layer classes below compute what nn.Conv2d / nn.ConvTranspose2d compute, with the same
-# parameters and state_dict keys, in a form that runs faster on the CPU's oneDNN kernels (measured
-# in BENCHMARKS.md, "Training throughput"). Checkpoints are interchangeable with the plain layers.
+# The layer classes below compute what nn.Linear / nn.Conv2d / nn.ConvTranspose2d compute, with the
+# same parameters and state_dict keys, in forms that run faster on the CPU (measured in
+# BENCHMARKS.md, "Training throughput"). Checkpoints are interchangeable with the plain layers.
+
+# A convolution whose small side (a conv's output, a transposed conv's input) has at most this many
+# positions per image runs as a matrix product (vae.gemm) in a channels-last float32 model on the CPU:
+# 2×2 maps ran 1.7x faster that way, 4×4 maps slower (BENCHMARKS.md).
+GEMM_MAX_POSITIONS = 4
+
+
+def _gemm_form(layer: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> bool:
+    """True when ``layer`` should run on ``x`` as a matrix product (see ``GEMM_MAX_POSITIONS``)."""
+    if isinstance(layer.padding, str) or x.dim() != 4 or layer.groups != 1 or layer.dilation != (1, 1) \
+            or layer.padding_mode != "zeros" or not layer.weight.is_contiguous(memory_format=torch.channels_last) \
+            or any(len(set(v)) != 1 for v in (layer.kernel_size, layer.stride, layer.padding, layer.output_padding)):
+        return False
+    h, w = x.shape[-2:]
+    if not isinstance(layer, nn.ConvTranspose2d):  # the output map is the small side
+        k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+        h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    return h * w <= GEMM_MAX_POSITIONS and gemm.usable(x, *(t for t in (layer.weight, layer.bias) if t is not None))
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` on oneDNN's matmul where :func:`vae.gemm.usable` (MKL's float32 product runs at
+    half its speed on AMD CPUs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.bias)
+
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with the bias added after the convolution: y = conv(x, W) + b.
+    """``nn.Conv2d`` with the bias added after the convolution: y = conv(x, W) + b; a matrix
+    product (im2col) when the output map is small (``GEMM_MAX_POSITIONS``).
 
     oneDNN folds the bias gradient into its weight-gradient kernel, which then costs more than a
     separate sum over the output gradient (most for the 32-channel 28×28 layer).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gemm_form(self, x):
+            return gemm.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
         y = self._conv_forward(x, self.weight, None)  # a new tensor that backward does not read:
         return y if self.bias is None else y.add_(self.bias.view(-1, 1, 1))  # add in place
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with the bias added after the convolution (see :class:`Conv2d`)."""
+    """``nn.ConvTranspose2d`` with the bias added after the convolution (see :class:`Conv2d`); a
+    matrix product (col2im) when the input map is small (``GEMM_MAX_POSITIONS``)."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if output_size is None and _gemm_form(self, x):
+            return gemm.conv_transpose2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
+                                         self.output_padding[0])
         pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, pad, self.groups, self.dilation)
         return y if self.bias is None else y.add_(self.bias.view(-1, 1, 1))
@@ -209,12 +245,12 @@ class VAE(nn.Module):
             stages.append(_block(Conv2d(c, h, 3, stride=2, padding=1), h))
             c = h
         self.encoder = nn.Sequential(*stages)
-        self.fc_mu = nn.Linear(flat, latent_dim)
-        self.fc_log_var = nn.Linear(flat, latent_dim)
+        self.fc_mu = Linear(flat, latent_dim)
+        self.fc_log_var = Linear(flat, latent_dim)
 
         # Transposed conv (k3, s2, p1) gives 2*in - 1 + output_padding: pick the padding that
         # lands on the encoder's size at that depth, so the output is exactly image_size.
-        self.decoder_input = nn.Linear(latent_dim, flat)
+        self.decoder_input = Linear(latent_dim, flat)
         rev = hidden_dims[::-1]
         up = []
         for i in range(len(rev) - 1):

@@ -1,0 +1,165 @@
+"""vae.gemm: linear layers and small-map convolutions as oneDNN matrix products.
+
+Each float32 fast form is compared, outputs and every gradient, with the torch.nn.functional op in
+float64; the model's layers are checked to take the fast form exactly where the rule says.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks._reference import plain_twin
+from vae import gemm
+from vae.model import GEMM_MAX_POSITIONS, VAE, Conv2d, ConvTranspose2d, Linear, _gemm_form
+
+needs_onednn = pytest.mark.skipif(not gemm.available(), reason="this PyTorch build has no oneDNN matmul op")
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _run(fn, *inputs):
+    """fn(*inputs) and the gradients of <y, g> for a fixed g, for the inputs that require grad."""
+    y = fn(*inputs)
+    g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    return [y, *torch.autograd.grad(y, wrt, g)]
+
+
+def _compare(fast, reference, *inputs, rtol=2e-5):
+    """fast(float32 inputs) against reference(float64 inputs): the output and every gradient."""
+    ins32 = [None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    ins64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    got, want = _run(fast, *ins32), _run(reference, *ins64)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        scale = float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * scale)
+    return got
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_linear_matches_f_linear(bias, x_grad):
+    x = torch.randn(37, 53, requires_grad=x_grad)
+    w = torch.randn(19, 53, requires_grad=True)
+    b = torch.randn(19, requires_grad=True) if bias else None
+    _compare(gemm.linear, F.linear, x, w, b)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, out_c, k, stride, pad", [
+    ((6, 128, 4, 4), 64, 3, 2, 1),   # the seed's 128->256 layer, narrower: 4x4 -> 2x2
+    ((3, 5, 3, 3), 7, 3, 2, 1),      # odd input: 3x3 -> 2x2
+    ((2, 4, 4, 6), 3, 3, 2, 1),      # non-square: 4x6 -> 2x3
+    ((2, 4, 2, 2), 5, 3, 1, 1),      # stride 1, 'same' padding
+    ((2, 6, 3, 3), 2, 1, 1, 0),      # 1x1 kernel
+    ((2, 3, 5, 5), 4, 5, 2, 2),      # 5x5 kernel
+    ((1, 3, 4, 4), 2, 2, 2, 0),      # even kernel, no padding
+])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_conv2d_matches_f_conv2d(shape, out_c, k, stride, pad, bias, layout):
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(out_c, shape[1], k, k).contiguous(memory_format=layout).requires_grad_()
+    b = torch.randn(out_c, requires_grad=True) if bias else None
+    y = _compare(lambda x, w, b: gemm.conv2d(x, w, b, stride, pad),
+                 lambda x, w, b: F.conv2d(x, w, b, stride, pad), x, w, b)[0]
+    assert y.is_contiguous(memory_format=CL)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, out_c, k, stride, pad, out_pad", [
+    ((6, 128, 2, 2), 64, 3, 2, 1, 1),  # the seed's 256->128 layer, narrower: 2x2 -> 4x4
+    ((3, 5, 2, 2), 7, 3, 2, 1, 0),     # 2x2 -> 3x3
+    ((2, 4, 2, 3), 3, 3, 2, 1, 1),     # non-square: 2x3 -> 4x6
+    ((2, 4, 1, 1), 5, 3, 2, 1, 1),     # one position -> 2x2
+    ((2, 4, 2, 2), 3, 3, 1, 1, 0),     # stride 1
+    ((2, 3, 2, 2), 4, 4, 2, 1, 0),     # even kernel: 2x2 -> 4x4
+    ((2, 3, 2, 2), 2, 5, 2, 2, 1),     # 5x5 kernel
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose2d_matches_f_conv_transpose2d(shape, out_c, k, stride, pad, out_pad, bias):
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(shape[1], out_c, k, k).contiguous(memory_format=CL).requires_grad_()
+    b = torch.randn(out_c, requires_grad=True) if bias else None
+    y = _compare(lambda x, w, b: gemm.conv_transpose2d(x, w, b, stride, pad, out_pad),
+                 lambda x, w, b: F.conv_transpose2d(x, w, b, stride, pad, out_pad), x, w, b)[0]
+    assert y.is_contiguous(memory_format=CL)
+
+
+@needs_onednn
+def test_fast_forms_are_once_differentiable():
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(3, 6, requires_grad=True)
+    (gx,) = torch.autograd.grad(gemm.linear(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+
+
+@needs_onednn
+def test_usable_only_for_cpu_float32_without_autocast():
+    x = torch.randn(2, 3)
+    assert gemm.usable(x, x)
+    assert not gemm.usable(x, x.double())
+    assert not gemm.usable(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.usable(x)
+        y = Linear(3, 4)(x)
+    assert y.dtype == torch.bfloat16  # autocast's own kernel ran
+
+
+def test_other_dtypes_take_the_plain_ops_exactly():
+    x, w, b = (torch.randn(shape, dtype=torch.float64) for shape in ((5, 8), (3, 8), (3,)))
+    assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(gemm.linear(x[None], w, b), F.linear(x[None], w, b))  # 3-D input: the plain op
+
+
+@needs_onednn
+def test_the_default_model_takes_the_matrix_forms_exactly_at_its_2x2_layers():
+    model = VAE().to(memory_format=CL)
+    x = torch.rand(2, 1, 28, 28).contiguous(memory_format=CL)
+    seen = {}
+
+    def record(name):
+        return lambda module, inputs, _out: seen.__setitem__(name, _gemm_form(module, inputs[0]))
+
+    for name, module in model.named_modules():
+        if isinstance(module, (Conv2d, ConvTranspose2d)):
+            module.register_forward_hook(record(name))
+    model(x)
+    assert GEMM_MAX_POSITIONS == 4
+    assert [n for n, fast in seen.items() if fast] == ["encoder.3.0", "decoder.0.0"]  # 4x4 -> 2x2, 2x2 -> 4x4
+    assert len(seen) == 8
+    contiguous = VAE()  # a contiguous-format model keeps PyTorch's convolutions
+    assert not _gemm_form(contiguous.encoder[3][0], torch.rand(2, 128, 4, 4))
+    assert not _gemm_form(contiguous.decoder[0][0], torch.rand(2, 256, 2, 2))
+    assert not _gemm_form(model.encoder[3][0], torch.rand(2, 128, 4, 4).double())  # float64: PyTorch's too
+
+
+@needs_onednn
+def test_the_model_in_float32_matches_its_plain_twin_in_float64():
+    """The whole default-size model, channels-last float32 (the fast forms) against the plain
+    torch.nn twin in float64: reconstructions, latents and every parameter's gradient."""
+    ours = VAE(hidden_dims=(8, 16, 32, 64), latent_dim=6).to(memory_format=CL)
+    plain = plain_twin(ours).double()
+    x, eps = torch.rand(16, 1, 28, 28), torch.randn(16, 6)
+    results = []
+    for model, inp in ((ours, x.contiguous(memory_format=CL)), (plain, x.double())):
+        mu, log_var = model.encode(inp)
+        recon = model.decode(mu + torch.exp(0.5 * log_var) * eps.to(mu.dtype))  # the same noise for both
+        ((recon - inp) ** 2).sum().backward()
+        results.append(((recon, mu, log_var), [p.grad for p in model.parameters()]))
+    (outs32, grads32), (outs64, grads64) = results
+    for a, b in zip(outs32, outs64):
+        torch.testing.assert_close(a.detach().double(), b.detach(), rtol=1e-4, atol=1e-4)
+    scale = max(float(g.abs().max()) for g in grads64)
+    for (name, _), a, b in zip(ours.named_parameters(), grads32, grads64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * scale, msg=name)
