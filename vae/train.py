@@ -33,8 +33,8 @@ from vae.config import PRESETS, Config, ConfigError, add_config_arguments, confi
 from vae.data import DataError, ImageBatches, ImageData, load_dataset, split_train_val
 from vae.losses import VAELoss, build_loss
 from vae.model import VAE
-from vae.utils import EMA, CheckpointError, create_lr_scheduler, create_optimizer, get_device, gradient_clip, \
-    load_checkpoint, retained_heap, save_checkpoint, set_seed
+from vae.utils import EMA, CheckpointError, FlatParameters, create_lr_scheduler, create_optimizer, get_device, \
+    gradient_clip, load_checkpoint, retained_heap, save_checkpoint, set_seed
 
 # Metric keys, defined once (flat, slash-separated; trackers log them as they are).
 TRAIN_KEYS = ("train/loss", "train/recon", "train/kl", "train/tc")
@@ -81,7 +81,7 @@ def train_one_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
                     *, ema: EMA | None = None, max_grad_norm: float = 1.0, start_batch: int = 0,
                     acc: torch.Tensor | None = None, log_every: int = 50, amp: bool = False,
                     step_offset: int = 0, should_stop=lambda: False, progress: tqdm | None = None,
-                    forward=None) -> dict[str, Any]:
+                    forward=None, flat: FlatParameters | None = None) -> dict[str, Any]:
     """Train over the batches of ``batches.epoch`` from ``start_batch`` on.
 
     Sums stay on the device; the host reads them once every ``log_every`` steps (progress and
@@ -89,6 +89,7 @@ def train_one_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
 
     Args:
         forward: x -> (recon, mu, log_var, z), default ``model.forward_with_z`` (or a compiled one).
+        flat: the model's :class:`~vae.utils.FlatParameters` when ``optimizer`` was built over them.
         acc: running (sum of total, recon, kl, tc, images) of the epoch so far, when resuming.
         should_stop: polled after each step; True ends the epoch early.
     Returns:
@@ -108,9 +109,14 @@ def train_one_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
     for k, (x, _) in enumerate(batches.iter_from(start_batch), start=start_batch):
         with autocast:
             terms = _loss_terms(loss_fn, forward, x)
-        optimizer.zero_grad(set_to_none=True)
-        terms[0].backward()
-        gradient_clip(model, max_grad_norm)
+        if flat is not None:
+            flat.zero_grad()
+            terms[0].backward()
+            flat.clip_grad_norm_(max_grad_norm, optimizer)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            terms[0].backward()
+            gradient_clip(model, max_grad_norm)
         optimizer.step()
         scheduler.step()
         loss_fn.step()
@@ -193,6 +199,7 @@ class VAETrainer:
         self.history: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
         self.model: VAE | None = None
+        self.flat: FlatParameters | None = None
         self.ema: EMA | None = None
 
     # -- public API ------------------------------------------------------------------------
@@ -232,10 +239,11 @@ class VAETrainer:
         if cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.flat = flat = FlatParameters(model)  # after every .to(): parameters become views into one tensor
+        self.ema = EMA(model, cfg.train.ema_decay, flat=flat) if cfg.train.ema_decay > 0 else None
         eval_model = self.ema.module if self.ema is not None else model
         loss_fn = build_loss(cfg.loss, cfg.model, dataset_size=len(train_split))
-        optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay)
+        optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay, flat=flat)
         scheduler = create_lr_scheduler(optimizer, cfg.train.lr_scheduler, num_epochs * len(train_batches),
                                         cfg.train.warmup_steps)
         forward = torch.compile(model.forward_with_z) if cfg.run.compile else model.forward_with_z
@@ -264,7 +272,7 @@ class VAETrainer:
                                           max_grad_norm=cfg.train.max_grad_norm, start_batch=start_batch, acc=acc,
                                           log_every=cfg.run.log_every, amp=cfg.run.amp, step_offset=step,
                                           should_stop=lambda: self.stop_reason is not None, progress=bar,
-                                          forward=forward)
+                                          forward=forward, flat=flat)
                 elapsed = time.perf_counter() - t0
                 step += out["next_batch"] - start_batch
                 self.global_step = step
@@ -330,7 +338,7 @@ class VAETrainer:
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None and state.get("ema_state") is not None:
             self.ema.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
+        self.flat.load_optimizer_state_dict(optimizer, state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         loss_fn.load_state_dict(state["loss_state"])
         torch.set_rng_state(state["rng_state"])
@@ -365,7 +373,7 @@ class VAETrainer:
                 "ema_state": self.ema.state_dict() if self.ema is not None else None}
 
     def _save_last(self, epoch, step, best, loss_fn, optimizer, scheduler, partial=None) -> None:
-        state = {**self._base_state(epoch, step), "optimizer_state": optimizer.state_dict(),
+        state = {**self._base_state(epoch, step), "optimizer_state": self.flat.optimizer_state_dict(optimizer),
                  "scheduler_state": scheduler.state_dict(), "loss_state": loss_fn.state_dict(),
                  "rng_state": torch.get_rng_state(),
                  "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

@@ -3,6 +3,7 @@ retained heap training runs under."""
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import random
@@ -18,8 +19,8 @@ from torch import nn
 
 from vae.config import ConfigError
 from vae.model import VAE
-from vae.utils import (CHECKPOINT_FORMAT, EMA, CheckpointError, create_lr_scheduler, create_optimizer, get_device,
-                       gradient_clip, load_checkpoint, load_model, retained_heap, save_checkpoint, set_seed)
+from vae.utils import (CHECKPOINT_FORMAT, EMA, CheckpointError, FlatParameters, create_lr_scheduler, create_optimizer,
+                       get_device, gradient_clip, load_checkpoint, load_model, retained_heap, save_checkpoint, set_seed)
 
 
 def test_ema_follows_the_weights_with_warm_up_decay():
@@ -155,6 +156,136 @@ def test_gradient_clip_limits_the_norm_and_zero_disables():
     assert gradient_clip(model, 0) is None and float(p.grad.norm()) == 5.0
     assert float(gradient_clip(model, 1.0)) == pytest.approx(5.0)
     assert float(p.grad.norm()) == pytest.approx(1.0)
+
+
+# -- FlatParameters: one tensor for the optimizer, the clipping and the EMA --------------------------
+def _small_net():
+    """Weights, biases, a 4-D channels-last weight and BatchNorm buffers; no bias feeds the norm (its
+    gradient would be rounding noise, which Adam turns into steps of either sign)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 3)).to(memory_format=torch.channels_last)
+
+
+def _train(model, steps, flat=None, clip=0.5, opt_state=None, optimizer=None):
+    """``steps`` AdamW steps with clipping and an EMA, as the trainer runs them; returns (optimizer, ema)."""
+    ema = EMA(model, 0.9, flat=flat)
+    optimizer = optimizer or create_optimizer(model, 0.05, 0.1, flat=flat)
+    if opt_state is not None:
+        flat.load_optimizer_state_dict(optimizer, opt_state) if flat else optimizer.load_state_dict(opt_state)
+    for step in range(steps):
+        x = torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(step)).contiguous(
+            memory_format=torch.channels_last)
+        if flat is not None:
+            flat.zero_grad()
+            model(x).square().sum().backward()
+            flat.clip_grad_norm_(clip, optimizer)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            gradient_clip(model, clip)
+        optimizer.step()
+        ema.update(model)
+    return optimizer, ema
+
+
+def _assert_same_state(a: dict, b: dict, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+def test_flat_parameters_keep_values_layout_and_module_while_sharing_one_tensor():
+    model = _small_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strides = {k: v.stride() for k, v in model.state_dict().items()}
+    flat = FlatParameters(model)
+    _assert_same_state(model.state_dict(), before, rtol=0, atol=0)
+    assert {k: v.stride() for k, v in model.state_dict().items()} == strides  # channels-last stays
+    n_params = sum(p.numel() for p in model.parameters())
+    assert flat.grad.numel() == n_params and flat.tensor.numel() == n_params + 2 * 4  # + running mean, var
+    base = flat.tensor.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in [*model.parameters(), model[1].running_mean])
+    assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+               for p in model.parameters())
+    assert flat.names[:2] == ["0.weight", "4.weight"] and flat.names[-2:] == ["1.running_mean", "1.running_var"]
+    with torch.no_grad():
+        flat.tensor.zero_()
+    assert float(model[0].weight.detach().abs().sum()) == 0.0  # views, not copies
+
+
+def test_flat_training_matches_per_tensor_training():
+    """AdamW, clipping folded into the fused step, and the EMA: the same parameters, optimizer
+    state (in the per-parameter form checkpoints keep) and averages as the per-tensor path."""
+    plain, flat_model = _small_net(), _small_net()
+    flat = FlatParameters(flat_model)
+    opt_plain, ema_plain = _train(plain, 6)
+    opt_flat, ema_flat = _train(flat_model, 6, flat=flat)
+    _assert_same_state(flat_model.state_dict(), plain.state_dict())
+    _assert_same_state(ema_flat.module.state_dict(), ema_plain.module.state_dict())
+    ours, theirs = flat.optimizer_state_dict(opt_flat), opt_plain.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    for pid, state in theirs["state"].items():
+        _assert_same_state(ours["state"][pid], state)
+        assert ours["state"][pid]["exp_avg"].stride() == state["exp_avg"].stride()
+
+
+def test_flat_optimizer_resumes_from_a_per_parameter_state():
+    """A checkpoint's optimizer state (the per-parameter form) loads into a flat optimizer, which
+    then goes on exactly as the optimizer that wrote it."""
+    plain = _small_net()
+    opt_plain, _ = _train(plain, 3)
+    state = copy.deepcopy(opt_plain.state_dict())
+    resumed = _small_net()
+    resumed.load_state_dict(plain.state_dict())
+    flat = FlatParameters(resumed)
+    opt_flat, _ = _train(resumed, 3, flat=flat, opt_state=state)
+    _train(plain, 3, optimizer=opt_plain)
+    _assert_same_state(resumed.state_dict(), plain.state_dict())
+    assert int(flat.optimizer_state_dict(opt_flat)["state"][0]["step"]) == 6
+
+
+def test_flat_optimizer_state_of_another_model_is_refused():
+    flat = FlatParameters(_small_net())
+    optimizer = create_optimizer(None, 0.1, flat=flat)
+    other = create_optimizer(nn.Linear(2, 2), 0.1)
+    with pytest.raises(ValueError, match=r"does not match the model: \[1, 1\] parameters per group, "
+                                         r"the model has \[2, 3\]"):
+        flat.load_optimizer_state_dict(optimizer, other.state_dict())
+
+
+def test_flat_zero_grad_reattaches_gradients_a_caller_dropped():
+    model = _small_net()
+    flat = FlatParameters(model)
+    model.zero_grad()  # set_to_none: the next backward would write fresh tensors, not the flat gradient
+    assert model[0].weight.grad is None
+    flat.zero_grad()
+    model(torch.randn(2, 2, 5, 5)).sum().backward()
+    assert float(flat.grad.abs().sum()) > 0
+    assert torch.equal(model[4].weight.grad.flatten(), flat.grad[model[0].weight.numel():][:model[4].weight.numel()])
+
+
+def test_flat_clip_scales_the_gradients_or_hands_the_scale_to_a_fused_step():
+    model = nn.Linear(2, 2, bias=False)
+    flat = FlatParameters(model)
+    flat.grad.copy_(torch.tensor([3.0, 4.0, 0.0, 0.0]))
+    assert float(flat.clip_grad_norm_(1.0)) == pytest.approx(5.0)
+    assert float(flat.grad.norm()) == pytest.approx(1.0)  # in place
+    optimizer = create_optimizer(model, 0.1, flat=flat)
+    flat.grad.copy_(torch.tensor([3.0, 4.0, 0.0, 0.0]))
+    flat.clip_grad_norm_(1.0, optimizer)
+    assert float(flat.grad.norm()) == pytest.approx(5.0)  # not yet: the fused step scales as it reads
+    optimizer.step()
+    assert float(flat.grad.norm()) == pytest.approx(1.0)
+    assert flat.clip_grad_norm_(0, optimizer) is None and optimizer.grad_scale is None  # off: no stale scale
+
+
+def test_flat_parameters_refuse_a_model_they_cannot_hold():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        FlatParameters(nn.ReLU())
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="one dtype and device"):
+        FlatParameters(mixed)
 
 
 def test_set_seed_seeds_python_numpy_and_torch():
