@@ -1,13 +1,14 @@
 """Linear layers and small-map convolutions as oneDNN matrix products (CPU, float32).
 
 PyTorch computes a float32 ``x @ W.T`` on the CPU with MKL's sgemm. On AMD processors MKL takes its
-AVX2 path: ~210 GFLOP/s on the development machine's two Zen 5 cores, where oneDNN's matmul runs the
-same products at 390-520 GFLOP/s (``benchmarks/gemm.py``). PyTorch reaches that matmul through
+AVX2 path: ~200 GFLOP/s on the development machine's two Zen 5 cores, where oneDNN's matmul runs the
+same products at 335-470 GFLOP/s (``benchmarks/gemm.py``). PyTorch reaches that matmul through
 ``torch.ops.mkldnn._linear_pointwise``, the op its own compiler emits for CPU linear layers; this
 module gives it a backward pass. It also runs the convolutions whose small side is a 2×2 map (the
 seed's 128→256 conv at 4×4→2×2 and its mirror, the 256→128 transposed conv): oneDNN's direct
-convolution kernels run those at ~240 GFLOP/s, against ~500 for the same multiply-adds as an
-im2col + matmul. Larger maps stay with oneDNN's convolutions, which are faster there.
+convolution kernels run those at ~240 GFLOP/s, and the same multiply-adds as im2col / col2im + that
+matmul take the layer's forward + backward 1.5-1.7x faster. Larger maps stay with oneDNN's
+convolutions, which are faster there.
 
 Every function here computes exactly what its ``torch.nn.functional`` namesake computes (tests
 compare outputs and gradients with float64 references), and :func:`usable` says when the fast form

@@ -42,7 +42,7 @@ def _block(conv: nn.Module, channels: int) -> nn.Sequential:
 
 # A convolution whose small side (a conv's output, a transposed conv's input) has at most this many
 # positions per image runs as a matrix product (vae.gemm) in a channels-last float32 model on the CPU:
-# 2×2 maps ran 1.7x faster that way, 4×4 maps slower (BENCHMARKS.md).
+# 2×2 maps ran 1.5-1.7x faster that way, 4×4 maps slower (BENCHMARKS.md, benchmarks/gemm.py).
 GEMM_MAX_POSITIONS = 4
 
 

@@ -102,7 +102,8 @@ def train_one_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
     device = batches.device
     acc = acc.to(device) if acc is not None else torch.zeros(5, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    # bf16 autocast: on CUDA, and on CPUs with bf16 units (AMX / AVX512-BF16: ~1.8x here); opt-in.
+    # bf16 autocast: on CUDA, and on CPUs with bf16 units (AMX / AVX512-BF16); opt-in. On the development
+    # machine (Zen 5, AVX512-BF16) the float32 loop is now the faster one (BENCHMARKS.md).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type in ("cuda", "cpu") \
         else nullcontext()
     k = start_batch
