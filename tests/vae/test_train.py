@@ -111,6 +111,27 @@ def test_checkpoints_are_plain_data_with_config_and_states(tiny_config):
     assert last["epoch"] == 2 and last["partial"] is None
 
 
+def test_checkpoint_optimizer_state_is_per_parameter_and_loads_into_a_plain_adamw(tiny_config):
+    """The trainer steps a flat optimizer (FlatParameters) but stores the state an AdamW over the
+    separate parameters has: any reader of last.pth (older code, a plain optimizer) can load it."""
+    from vae.model import VAE
+    from vae.utils import create_optimizer, parameter_groups
+
+    trainer = VAETrainer(tiny_config)
+    trainer.train()
+    assert len(trainer.optimizer.param_groups[0]["params"]) == 1  # one flat tensor per group
+    state = load_checkpoint(trainer.last_path)["optimizer_state"]
+    model = VAE(hidden_dims=[8, 16], latent_dim=4)
+    model.load_state_dict(load_checkpoint(trainer.last_path)["model_state"])
+    decay, no_decay = parameter_groups(model)
+    assert [len(g["params"]) for g in state["param_groups"]] == [len(decay), len(no_decay)]
+    for pid, p in enumerate(decay + no_decay):
+        assert state["state"][pid]["exp_avg"].shape == p.shape and int(state["state"][pid]["step"]) > 0
+    plain = create_optimizer(model, 1e-3)
+    plain.load_state_dict(state)  # raises on any mismatch of groups or sizes
+    torch.testing.assert_close(plain.state[decay[0]]["exp_avg_sq"], state["state"][0]["exp_avg_sq"])
+
+
 def test_best_model_is_the_epoch_with_the_lowest_val_nelbo(tiny_config):
     result = VAETrainer(tiny_config).train()
     best = load_checkpoint(result["best_model_path"])
