@@ -154,32 +154,32 @@ class FlatParameters:
         if len({(t.dtype, t.device) for t in tensors}) != 1:
             raise ValueError("FlatParameters: parameters and floating-point buffers must share one dtype and device")
         self.names = [names[id(t)] for t in tensors]  # the flat order, for an EMA's shadow
-        n_params = sum(p.numel() for p in params)
         self.tensor = _flatten_(tensors)
-        self.grad = torch.zeros(n_params, dtype=self.tensor.dtype, device=self.tensor.device)
-        self._grads, offset = [], 0
-        for p in params:
-            self._grads.append((p, _view_like(self.grad, offset, p)))
-            offset += p.numel()
-        split = sum(p.numel() for p in decay)
+        self.grad = torch.zeros(sum(p.numel() for p in params), dtype=self.tensor.dtype, device=self.tensor.device)
         self.groups = []  # one tensor per optimizer group: [weights], [biases and norms]
         self._layout = []  # per group: (parameter, offset in the group) pairs
-        for start, stop, members in ((0, split, decay), (split, n_params, no_decay)):
-            group = self.tensor[start:stop]
-            group.grad = self.grad[start:stop]
+        self._grads = []  # (tensor, the gradient view it must hold): every parameter and group tensor
+        start = 0
+        for members in (decay, no_decay):
+            stop = start + sum(p.numel() for p in members)
+            group, grad = self.tensor[start:stop], self.grad[start:stop]
+            layout, offset = [], 0
+            for p in members:
+                layout.append((p, offset))
+                self._grads.append((p, _view_like(grad, offset, p)))
+                offset += p.numel()
             self.groups.append([group])
-            offsets = np.cumsum([0] + [p.numel() for p in members])[:-1].tolist()
-            self._layout.append(list(zip(members, offsets)))
+            self._layout.append(layout)
+            self._grads.append((group, grad))
+            start = stop
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        """Zero the gradients in place, re-attaching any a caller set to None (``model.zero_grad()``)."""
-        for p, g in self._grads:
-            if p.grad is None or p.grad.data_ptr() != g.data_ptr():
-                p.grad = g
-        for (group,), start in zip(self.groups, (0, self.groups[0][0].numel())):
-            if group.grad is None:
-                group.grad = self.grad[start:start + group.numel()]
+        """Zero the gradients in place, re-attaching any a caller set to None (``model.zero_grad()``,
+        ``optimizer.zero_grad()``)."""
+        for t, g in self._grads:
+            if t.grad is None or t.grad.data_ptr() != g.data_ptr():
+                t.grad = g
         self.grad.zero_()
 
     def clip_grad_norm_(self, max_norm: float, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor | None:
@@ -209,7 +209,7 @@ class FlatParameters:
         :func:`parameter_groups` order) gives it: what checkpoints store."""
         flat = optimizer.state_dict()
         state, groups, index = {}, [], 0
-        for group, ((tensor,), layout) in zip(flat["param_groups"], zip(self.groups, self._layout)):
+        for group, (tensor,), layout in zip(flat["param_groups"], self.groups, self._layout):
             group_state = flat["state"].get(group["params"][0])
             ids = list(range(index, index + len(layout)))
             for pid, (p, offset) in zip(ids, layout):

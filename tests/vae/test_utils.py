@@ -263,6 +263,11 @@ def test_flat_zero_grad_reattaches_gradients_a_caller_dropped():
     model(torch.randn(2, 2, 5, 5)).sum().backward()
     assert float(flat.grad.abs().sum()) > 0
     assert torch.equal(model[4].weight.grad.flatten(), flat.grad[model[0].weight.numel():][:model[4].weight.numel()])
+    optimizer = create_optimizer(model, 0.1, flat=flat)
+    optimizer.zero_grad()  # set_to_none on the group tensors: the step would skip them
+    assert flat.groups[0][0].grad is None
+    flat.zero_grad()
+    assert flat.groups[0][0].grad.data_ptr() == flat.grad.data_ptr() and float(flat.grad.abs().sum()) == 0
 
 
 def test_flat_clip_scales_the_gradients_or_hands_the_scale_to_a_fused_step():
