@@ -41,9 +41,10 @@ def available() -> bool:
         return False
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when the matmul forms apply to these tensors (see the module docstring)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """True when the matmul forms apply to these tensors (see the module docstring); None entries
+    (an absent bias) are skipped."""
+    return (all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and available())
 
 
@@ -71,7 +72,7 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for 2-D ``x``, on oneDNN's matmul when :func:`usable`."""
-    if x.dim() != 2 or not usable(x, weight, *(() if bias is None else (bias,))):
+    if x.dim() != 2 or not usable(x, weight, bias):
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
 

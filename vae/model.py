@@ -56,7 +56,7 @@ def _gemm_form(layer: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> bool:
     if not isinstance(layer, nn.ConvTranspose2d):  # the output map is the small side
         k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
         h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    return h * w <= GEMM_MAX_POSITIONS and gemm.usable(x, *(t for t in (layer.weight, layer.bias) if t is not None))
+    return h * w <= GEMM_MAX_POSITIONS and gemm.usable(x, layer.weight, layer.bias)
 
 
 class Linear(nn.Linear):

@@ -110,6 +110,7 @@ def test_usable_only_for_cpu_float32_without_autocast():
     assert gemm.usable(x, x)
     assert not gemm.usable(x, x.double())
     assert not gemm.usable(x.bfloat16())
+    assert gemm.usable(x, None) and not gemm.usable(x.double(), None)  # an absent bias is skipped
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not gemm.usable(x)
         y = Linear(3, 4)(x)
