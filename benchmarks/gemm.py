@@ -1,14 +1,14 @@
-"""Matrix products and the default model's convolutions: PyTorch's own kernels against ``vae.gemm``.
+"""Matrix products and the default model's convolutions: PyTorch's own kernels against ``vae.fast.gemm``.
 
 Two tables, float32 on the CPU, medians of ``--repeats`` timed calls after warm-up, under
 ``retained_heap`` as training runs:
 
 1. ``x @ W.T`` for the shapes the default model's linear layers and 2×2 convolutions multiply:
-   ``torch.matmul`` (MKL's sgemm) against oneDNN's matmul (``vae.gemm``), in GFLOP/s.
+   ``torch.matmul`` (MKL's sgemm) against oneDNN's matmul (``vae.fast.gemm``), in GFLOP/s.
 2. Each convolution of the default model (batch 128, channels-last), forward + backward (input,
    weight and bias gradients): PyTorch's convolution (oneDNN's direct kernels) against the matrix
-   form (im2col / col2im + oneDNN's matmul). ``vae.model`` takes the matrix form where the small
-   side has at most ``GEMM_MAX_POSITIONS`` positions per image; the last column says where.
+   form (im2col / col2im + oneDNN's matmul). ``vae.fast`` takes the matrix form where the small
+   side has at most ``MATMUL_MAX_POSITIONS`` positions per image; the last column says where.
 
     python -m benchmarks.gemm
     python -m benchmarks.gemm --threads 1
@@ -23,15 +23,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vae import gemm
-from vae.model import GEMM_MAX_POSITIONS
-from vae.utils import retained_heap
+from vae.fast import gemm, retained_heap
+from vae.fast.layers import MATMUL_MAX_POSITIONS
 
 BATCH = 128
 # (kind, in channels, out channels, input size, output padding): the seed's default model
 LAYERS = [("conv", 1, 32, 28, 0), ("conv", 32, 64, 14, 0), ("conv", 64, 128, 7, 0), ("conv", 128, 256, 4, 0),
           ("convT", 256, 128, 2, 1), ("convT", 128, 64, 4, 0), ("convT", 64, 32, 7, 1), ("convT", 32, 32, 14, 1)]
-# (M, K, N): fc_mu / fc_log_var forward, decoder_input forward, and the 2×2 convolutions' products
+# (M, K, N): the linear layers' shapes (fc_mu / fc_log_var, decoder_input; kept in torch.nn: no gain on
+# the Intel Xeon, 1.7-2.3x on AMD Zen 5 but under 3% of a step) and the 2×2 convolutions' products
 MATMULS = [(128, 1024, 128), (128, 128, 1024), (512, 1152, 256), (512, 256, 1152), (256, 512, 1152)]
 
 
@@ -53,13 +53,13 @@ def matmul_table(repeats: int) -> None:
         a, w = torch.randn(m, k), torch.randn(n, k)
         mflop = 2 * m * k * n / 1e6
         t_mkl = _median_ms(lambda: torch.matmul(a, w.T), repeats)
-        t_dnn = _median_ms(lambda: gemm.linear(a, w), repeats)
+        t_dnn = _median_ms(lambda: gemm._mm(a, w), repeats)
         print(f"| {m} × {k}, {n} | {mflop:.0f} | {t_mkl:.3f} | {mflop / t_mkl:.0f} | {t_dnn:.3f} | "
               f"{mflop / t_dnn:.0f} | {t_mkl / t_dnn:.2f} |")
 
 
 def conv_table(repeats: int) -> None:
-    print("\n| layer | map | PyTorch conv fwd+bwd ms | matrix form fwd+bwd ms | speed-up | vae.model uses |")
+    print("\n| layer | map | PyTorch conv fwd+bwd ms | matrix form fwd+bwd ms | speed-up | vae.fast uses |")
     print("|---|---|---:|---:|---:|---|")
     cl = torch.channels_last
     for kind, c_in, c_out, size, out_pad in LAYERS:
@@ -80,7 +80,7 @@ def conv_table(repeats: int) -> None:
             return lambda: fn().backward(g)
 
         t_plain, t_fast = _median_ms(step(plain), repeats), _median_ms(step(fast), repeats)
-        used = "matrix form" if small <= GEMM_MAX_POSITIONS else "PyTorch conv"
+        used = "matrix form" if small <= MATMUL_MAX_POSITIONS else "PyTorch conv"
         print(f"| {kind} {c_in}→{c_out} | {size}×{size}→{y.shape[-1]}×{y.shape[-1]} | {t_plain:.2f} | {t_fast:.2f} | "
               f"{t_plain / t_fast:.2f} | {used} |")
 

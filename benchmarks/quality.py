@@ -41,7 +41,9 @@ from vae.evaluate import evaluate  # noqa: E402
 from vae.losses import build_loss  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.train import Callback, VAETrainer, train_one_epoch  # noqa: E402
-from vae.utils import create_lr_scheduler, create_optimizer, load_model, retained_heap  # noqa: E402
+from vae import fast  # noqa: E402
+from vae.checkpoint import load_model  # noqa: E402
+from vae.optim import create_lr_scheduler, create_optimizer  # noqa: E402
 
 
 def steps_per_second(cfg, data, steps: int = 40) -> float:
@@ -52,10 +54,11 @@ def steps_per_second(cfg, data, steps: int = 40) -> float:
     model = VAE(**cfg.model.as_kwargs())
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = fast.accelerate(model, "cpu") if cfg.run.fast else model  # as VAETrainer.train() builds it
     optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay)
     scheduler = create_lr_scheduler(optimizer, "constant", 1)
     loss_fn = build_loss(cfg.loss, cfg.model, len(train_split))
-    with retained_heap(cfg.run.retain_memory):  # as VAETrainer.train() runs
+    with fast.retained_heap(cfg.run.fast and cfg.run.retain_memory):  # as VAETrainer.train() runs
         batches.max_batches = 5
         train_one_epoch(model, loss_fn, optimizer, scheduler, batches, log_every=1000)
         batches.max_batches = steps + 5
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     result = VAETrainer(cfg, callbacks, overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0
     model_path = result["best_model_path"] or result["last_model_path"]
-    model, _ = load_model(model_path)
+    model, checkpoint = load_model(model_path)
+    model = fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
 
     t1 = time.perf_counter()
     full = evaluate(model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)

@@ -5,16 +5,16 @@ batch 128, MSE) on the same MNIST images:
 
 - ``trainer``: ``VAETrainer(config).train()`` as a user runs it: every epoch with validation,
   ``last.pth``/``best_model.pth``, the metrics file and a sample grid (at the last epoch); AdamW,
-  cosine schedule, gradient clipping, EMA. ``trainer-*`` rows change one config key.
+  cosine schedule, gradient clipping, EMA; the fast path on (``vae.fast``, the default).
+  ``trainer-*`` rows change one config key: ``trainer-plain`` turns the fast path off.
 - ``bare``: a plain PyTorch loop over in-memory float tensors with the same ``vae.model.VAE``
-  (contiguous layout, ``torch.optim.Adam``, nothing else): training epochs only.
+  (plain torch.nn layers, contiguous layout, ``torch.optim.Adam``, nothing else): training only.
 - ``pythae``: pythae 0.1.2's ``TrainingPipeline`` with the same encoder and decoder (wrapped in
   pythae's ``BaseEncoder``/``BaseDecoder``), AdamW, the same batch sizes, evaluation each epoch and
-  its final model save. The encoder and decoder are the seed's architecture as a torch.nn user
-  writes it (``benchmarks._reference.plain_twin``: ``nn.Conv2d``/``nn.ConvTranspose2d``, the
-  activation not in place; the same function and parameters as ``vae.model.VAE``).
-- ``pythae-vae-layers``: the same pipeline given ``vae.model.VAE``'s own layers (faster forms of
-  the same function), to separate what the layers give from what the trainer gives.
+  its final model save. The encoder and decoder are ``vae.model.VAE``'s, plain torch.nn layers.
+- ``pythae-fast-layers``: the same pipeline given the layers of ``vae.fast.accelerate`` (faster
+  forms of the same function; contiguous layout, so no matrix forms), to separate what the layers
+  give from what the trainer gives.
 
 Every run is a fresh subprocess (so peak RSS is per contender), contenders are interleaved
 (A, B, C, A, B, C, ...) and the table shows medians. images/s = training images x epochs / wall
@@ -22,7 +22,7 @@ time of the whole call (data already in memory for everyone; loading it is not t
 machine the wall clock depends on the neighbours; images per CPU-second (the process's user+sys
 time over the same span) is the steadier measure of the work each contender does.
 
-    python -m benchmarks.throughput            # defaults: 10,240 train + 1,024 validation images, 2 epochs, 3 rounds
+    python -m benchmarks.throughput            # defaults: 10,240 train + 1,024 validation images, 2 epochs, 5 rounds
     python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
     python -m benchmarks.throughput --epochs 1 --rounds 1 --train-samples 1280   # a quick look
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -43,21 +42,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._reference import plain_twin
-
 REPO = Path(__file__).resolve().parents[1]
 BATCH, EVAL_BATCH, LR, WD = 128, 512, 1e-3, 1e-4
 
 # name -> config overrides of the trainer rows
 TRAINER_VARIANTS = {
     "trainer": {},
+    "trainer-plain": {"fast": False},  # the fast path off: plain torch.nn layers, glibc's default heap
     "trainer-contiguous": {"channels_last": False},
     "trainer-no-retain": {"retain_memory": False},  # glibc returns freed activations to the OS every step
     "trainer-compile": {"compile": True},
     "trainer-amp": {"amp": True},  # bf16 autocast: different numerics, so not the headline row
     "trainer-amp-compile": {"amp": True, "compile": True},
 }
-CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae", "pythae-vae-layers"]
+CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae", "pythae-fast-layers"]
 
 
 def _peak_rss_mb() -> float:
@@ -67,7 +65,7 @@ def _peak_rss_mb() -> float:
 def _splits(args):
     from vae.data import load_dataset, split_train_val
 
-    data = load_dataset(os.environ.get("VAE_DATA_DIR", "./data"))
+    data = load_dataset()  # $VAE_DATA_DIR, else ./data
     train, val = split_train_val(data, args.val_size, seed=42, max_train_samples=args.train_samples + args.val_size)
     return data, train, val
 
@@ -134,6 +132,7 @@ def run_pythae(args, name: str) -> dict:
     from pythae.trainers import BaseTrainerConfig
     from pythae.trainers.training_callbacks import TrainingCallback
 
+    from vae import fast
     from vae.model import VAE
 
     logging.getLogger("pythae").setLevel(logging.WARNING)
@@ -172,7 +171,7 @@ def run_pythae(args, name: str) -> dict:
     n = len(train) // BATCH * BATCH
     x_train = train.images[:n].unsqueeze(1).float().div(255)
     x_val = val.images.unsqueeze(1).float().div(255)
-    vae = VAE() if name == "pythae-vae-layers" else plain_twin(VAE())
+    vae = fast.accelerate(VAE(), "cpu") if name == "pythae-fast-layers" else VAE()
     model = PythaeVAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=vae.latent_dim, reconstruction_loss="mse"),
                       encoder=Encoder(vae), decoder=Decoder(vae))
     timer = TrainLoopTimer()
@@ -187,7 +186,7 @@ def run_pythae(args, name: str) -> dict:
 
 
 WORKERS = {**{name: run_trainer for name in TRAINER_VARIANTS}, "bare": run_bare, "pythae": run_pythae,
-           "pythae-vae-layers": run_pythae}
+           "pythae-fast-layers": run_pythae}
 
 
 def _worker(args) -> None:
@@ -230,12 +229,12 @@ def _table(results: dict[str, list[dict]], baseline: str = "pythae") -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contenders", nargs="+", default=["trainer", "bare", "pythae", "pythae-vae-layers"],
+    p.add_argument("--contenders", nargs="+", default=["trainer", "trainer-plain", "pythae"],
                    choices=CONTENDERS)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-samples", type=int, default=10240, help="training images (multiple of 128)")
     p.add_argument("--val-size", type=int, default=1024, help="validation images")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows medians")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; the table shows medians")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every run (0 = torch default)")
     p.add_argument("--json", type=Path, help="also write all runs to this file")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)

@@ -42,6 +42,6 @@ Compare runs: python -m pipelines.compare --experiment {out['config']['experimen
 
 
 if __name__ == "__main__":
-    from vae.train import run_cli
+    from vae.cli import run_cli
 
     sys.exit(run_cli(lambda argv: main(), None, extra_errors=(tracking.TrackingUnavailableError,)))

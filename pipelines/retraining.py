@@ -182,6 +182,6 @@ if __name__ == "__main__":
     import sys
 
     from pipelines.tracking import TrackingUnavailableError
-    from vae.train import run_cli
+    from vae.cli import run_cli
 
     sys.exit(run_cli(_main, extra_errors=(TrackingUnavailableError,)))

@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import registry, tracking
+from vae import settings
 from vae.config import validate_config
 from vae.data import FILES, ImageData, load_dataset
 from vae.train import VAETrainer
@@ -50,7 +51,7 @@ RETRY = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_io_e
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mlops"))
+    return settings.current().cache_dir
 
 
 def data_cache_key(context, parameters: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from vae import settings
 from vae.train import Callback
 
 MODEL_NAME = "vae-mnist"
@@ -48,7 +49,7 @@ UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the local store
 
 def local_store_dir() -> Path:
     """The embedded store's folder: ``$VAE_MLRUNS_DIR`` or ``./mlruns``."""
-    return Path(os.environ.get("VAE_MLRUNS_DIR", "mlruns")).resolve()
+    return settings.current().mlruns_dir
 
 
 def tracking_uri() -> str:

@@ -132,7 +132,7 @@ def _main(argv=None) -> int:
 
 
 def cli(argv=None) -> None:
-    from vae.train import run_cli
+    from vae.cli import run_cli
 
     sys.exit(run_cli(_main, argv, extra_errors=(tracking.TrackingUnavailableError,)))
 

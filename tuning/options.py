@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from vae import settings
 from vae.config import PRESETS
 from tuning.space import (DEFAULT_BETA_RANGE, DEFAULT_LATENT_DIMS, DEFAULT_LR_RANGE, ParamSpec, SpaceError,
                           check_space, default_space, parse_spec)
@@ -82,13 +82,13 @@ class SweepOptions:
 
 def optuna_dir() -> Path:
     """Where studies and best configs live: ``$VAE_OPTUNA_DIR`` or ``./optuna``."""
-    return Path(os.environ.get("VAE_OPTUNA_DIR", "optuna")).resolve()
+    return settings.current().optuna_dir
 
 
 def default_storage() -> str:
     """``$VAE_OPTUNA_STORAGE`` (a shared study store, e.g. PostgreSQL: see scripts/stack.sh), else
     the embedded default ``sqlite:///<optuna_dir>/studies.db``."""
-    return os.environ.get("VAE_OPTUNA_STORAGE") or f"sqlite:///{optuna_dir() / 'studies.db'}"
+    return settings.current().optuna_storage or f"sqlite:///{optuna_dir() / 'studies.db'}"
 
 
 def redact(url: str) -> str:

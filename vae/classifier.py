@@ -8,13 +8,12 @@ from the same classifier, never with Inception FIDs.
 The classifier is never downloaded: :func:`get_classifier` trains it once from the local training
 images and caches it under ``$VAE_CACHE_DIR/classifier/`` (default ``~/.cache/vae-mlops``), keyed
 by the dataset's digest and the architecture, with its test accuracy stored beside the weights.
-It is saved with :func:`vae.utils.save_checkpoint` and read back with ``weights_only=True``.
+It is saved with :func:`vae.checkpoint.save_checkpoint` and read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae.data import ImageData
-from vae.utils import CheckpointError, load_checkpoint, retained_heap, save_checkpoint
+from vae import settings
+from vae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vae.fast import retained_heap
 
 __all__ = ["DigitClassifier", "classifier_accuracy", "classifier_cache_path", "get_classifier",
            "predict_features", "train_classifier"]
@@ -63,19 +64,20 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images if images.dim() == 4 else images.unsqueeze(1)
 
 
-@retained_heap()  # a training loop: the same activation buffers every step (see vae.utils.retained_heap)
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, width: int = 32, feature_dim: int = 128,
                      epochs: int = 3, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
-                     device: str | torch.device = "cpu") -> DigitClassifier:
+                     device: str | torch.device = "cpu", retain_memory: bool = True) -> DigitClassifier:
     """Train a :class:`DigitClassifier` with Adam and a cosine learning-rate decay.
 
     Args:
         images: uint8 (N, 28, 28) or float (N, 1, 28, 28) in [0, 1]; labels int (N,).
+        retain_memory: train under :func:`vae.fast.retained_heap` (a training loop frees and
+            reallocates the same activation buffers every step).
     Returns:
         The trained model in eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), retained_heap(retain_memory):
         torch.manual_seed(seed)  # init and dropout: reproducible, the caller's RNG untouched
         model = DigitClassifier(width, feature_dim).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -123,15 +125,15 @@ def classifier_cache_path(data: ImageData, cache_dir: str | Path | None = None, 
     ``cache_dir`` defaults to ``$VAE_CACHE_DIR/classifier`` (``~/.cache/vae-mlops/classifier``).
     """
     if cache_dir is None:
-        root = Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mlops"))
-        cache_dir = root / "classifier"
+        cache_dir = settings.current().cache_dir / "classifier"
     return Path(cache_dir) / f"{data.name}-{data.digest[:16]}-w{width}-f{feature_dim}-e{epochs}.pth"
 
 
 def get_classifier(data: ImageData, cache_dir: str | Path | None = None, device: str | torch.device = "cpu", *,
                    width: int = 32, feature_dim: int = 128, epochs: int = 3, seed: int = 0,
-                   retrain: bool = False) -> tuple[DigitClassifier, dict[str, Any]]:
-    """The cached classifier for this dataset, trained on its training images on first use.
+                   retrain: bool = False, retain_memory: bool = True) -> tuple[DigitClassifier, dict[str, Any]]:
+    """The cached classifier for this dataset, trained on its training images on first use
+    (``retain_memory``: see :func:`train_classifier`).
 
     Returns:
         (model in eval mode, info) where info holds ``test_acc``, ``path`` and ``trained``
@@ -147,7 +149,7 @@ def get_classifier(data: ImageData, cache_dir: str | Path | None = None, device:
         except (CheckpointError, KeyError, RuntimeError):
             pass  # a damaged or foreign cache file: train afresh and overwrite it
     model = train_classifier(data.train_images, data.train_labels, width=width, feature_dim=feature_dim,
-                             epochs=epochs, seed=seed, device=device)
+                             epochs=epochs, seed=seed, device=device, retain_memory=retain_memory)
     test_acc = classifier_accuracy(model, data.test_images, data.test_labels)
     save_checkpoint({"model_state": model.state_dict(), "width": width, "feature_dim": feature_dim,
                      "epochs": epochs, "seed": seed, "test_acc": test_acc, "dataset": data.name,

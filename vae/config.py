@@ -14,39 +14,31 @@ import argparse
 import dataclasses
 import difflib
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "LossConfig",
-    "ModelConfig",
-    "RunConfig",
-    "TrainConfig",
-    "add_config_arguments",
-    "config_from_args",
-    "flatten_params",
-    "get_benchmark_config",
-    "get_beta_vae_config",
-    "get_default_config",
-    "get_disentangled_config",
-    "get_small_config",
-    "validate_config",
-]
+from vae import settings
+from vae.cli import add_dataclass_arguments
+from vae.errors import UserError
+
+__all__ = ["Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "RunConfig", "TrainConfig",
+           "PRESETS", "add_config_arguments", "config_from_args", "flatten_params", "get_benchmark_config",
+           "get_beta_vae_config", "get_default_config", "get_disentangled_config", "get_small_config",
+           "validate_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration is invalid; the message names every bad field."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+    def message(self) -> str:
+        return "invalid configuration: " + "; ".join(self.problems)
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -101,7 +93,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["mnist", "fashion_mnist"] = _f("mnist", "dataset")
-    data_dir: str = _f("./data", "folder holding <Dataset>/raw IDX files (env VAE_DATA_DIR)")
+    data_dir: str = _f("./data", "folder holding <Dataset>/raw IDX files (presets: $VAE_DATA_DIR, else ./data)")
     val_size: int = _f(5000, "training images held out for validation", ge=1)
     binarize: Literal["none", "static", "dynamic"] = _f("none", "binarisation of pixels (likelihood benchmarks)")
     max_train_samples: int = _f(0, "use only the first N training images (0 = all)", ge=0)
@@ -116,12 +108,14 @@ class RunConfig:
     amp: bool = _f(False, "bf16 autocast on CUDA, or on CPUs with bf16 units (AMX)")
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the model")
-    retain_memory: bool = _f(True, "keep freed memory in the process during training instead of returning it "
-                                   "to the OS each step (Linux/glibc; avoids page faults, ~1.4x on CPU)")
+    fast: bool = _f(True, "the fast path (vae.fast): faster forms of the same layers on CPU float32, and "
+                          "retain_memory; off = plain torch.nn layers and glibc's default heap")
+    retain_memory: bool = _f(True, "with fast: keep freed memory in the process during training instead of "
+                                   "returning it to the OS each step (Linux/glibc; avoids page faults)")
     sample_every: int = _f(5, "write a sample grid every N epochs (0 = never)", ge=0)
     log_every: int = _f(50, "optimizer steps between progress updates (one host sync each)", ge=1)
     progress: bool = _f(True, "show tqdm progress bars")
-    fast_dev_run: int = _f(0, "smoke mode: 1 epoch of N batches (env VAE_FAST_DEV_RUN)", ge=0)
+    fast_dev_run: int = _f(0, "smoke mode: 1 epoch of N batches (0 = off; the trainer applies $VAE_FAST_DEV_RUN)", ge=0)
 
 
 _SECTIONS: dict[str, type] = {
@@ -173,14 +167,10 @@ def _default(f: dataclasses.Field) -> Any:
 def get_default_config() -> dict[str, Any]:
     """The seed's defaults: a plain VAE, hidden 32-64-128-256, latent 128, MSE, 100 epochs.
 
-    ``data_dir`` comes from ``VAE_DATA_DIR`` when set; ``fast_dev_run`` from ``VAE_FAST_DEV_RUN``.
+    ``data_dir`` is where the data lives on this machine: ``$VAE_DATA_DIR`` when set, else
+    ``./data`` (:mod:`vae.settings`); every other value is the field's default.
     """
-    cfg = {key: _default(f) for key, (_, f) in _FIELDS.items()}
-    cfg["data_dir"] = os.environ.get("VAE_DATA_DIR", cfg["data_dir"])
-    fast = os.environ.get("VAE_FAST_DEV_RUN", "").strip()
-    if fast:
-        cfg["fast_dev_run"] = int(fast) if fast.isdigit() else fast  # a bad value fails validation
-    return cfg
+    return {**{key: _default(f) for key, (_, f) in _FIELDS.items()}, "data_dir": settings.current().data_dir or "./data"}
 
 
 def get_beta_vae_config() -> dict[str, Any]:
@@ -337,44 +327,11 @@ def flatten_params(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _lenient(convert):
-    """An argparse type that keeps text it cannot convert: :func:`validate_config` then names every
-    bad flag at once (argparse itself would stop at the first)."""
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except (ValueError, argparse.ArgumentTypeError):
-            return text
-    parse.__name__ = convert.__name__
-    return parse
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one ``--key`` flag per config field (default: unset, so presets decide)."""
+    """Add one ``--key`` flag per config field (default: unset, so presets decide). Values that do
+    not convert are kept as text: :func:`validate_config` then names every bad flag at once."""
     for sec, cls in _SECTIONS.items():
-        group = parser.add_argument_group(f"{sec} options")
-        for f in dataclasses.fields(cls):
-            hint = _HINTS[sec][f.name]
-            kwargs: dict[str, Any] = {"default": None, "help": f"{f.metadata['help']} (default: {_default(f)})"}
-            origin = typing.get_origin(hint)
-            if origin is Literal:  # checked by validate_config, with every other bad flag
-                kwargs["metavar"] = "{" + ",".join(typing.get_args(hint)) + "}"
-            elif origin is tuple:
-                kwargs.update(type=_lenient(int), nargs="+", metavar="N")
-            elif hint is bool:
-                kwargs.update(type=_lenient(_parse_bool), metavar="BOOL")
-            else:
-                kwargs["type"] = _lenient(hint)
-            group.add_argument(f"--{f.name}", **kwargs)
+        add_dataclass_arguments(parser.add_argument_group(f"{sec} options"), cls, lenient=True)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 The IDX files are read by torchvision (``datasets.MNIST`` / ``FashionMNIST``) from
 ``<data_dir>/<MNIST|FashionMNIST>/raw``. Compressed ``.gz`` files are decompressed by us into a cache
-folder (``$VAE_CACHE_DIR``, default ``~/.cache/vae-mlops``) keyed by their content, because torchvision reads only the
+folder (``$VAE_CACHE_DIR``, default ``~/.cache/vae-mlops``: :mod:`vae.settings`) keyed by their content, because torchvision reads only the
 uncompressed files unless it downloads them itself. Content is checked before anything is used:
 IDX header (magic number, dimensions, exact size), image/label counts, and the SHA-256 of each
 uncompressed file against a ``SHA256SUMS`` file beside them when one exists.
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,10 @@ from typing import Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vae import settings
+from vae.errors import UserError
+from vae.files import write_atomic
 
 DatasetName = Literal["mnist", "fashion_mnist"]
 Binarize = Literal["none", "static", "dynamic"]
@@ -39,7 +41,7 @@ _FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data is missing or invalid; the message names the file and the fix."""
 
 
@@ -62,12 +64,8 @@ class ImageData:
 
 
 def default_data_dir() -> str:
-    """``$VAE_DATA_DIR`` when set, else ``./data``."""
-    return os.environ.get("VAE_DATA_DIR", "./data")
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("VAE_CACHE_DIR", Path.home() / ".cache" / "vae-mlops"))
+    """``$VAE_DATA_DIR`` when set, else ``./data`` (:mod:`vae.settings`)."""
+    return settings.current().data_dir or "./data"
 
 
 def missing_data_message(data_dir: str | Path, dataset: DatasetName = "mnist") -> str:
@@ -136,20 +134,6 @@ def _read_sums(raw_dirs: list[Path]) -> dict[str, str]:
     return {}
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _try_download(data_dir: Path, dataset: DatasetName) -> None:
     from torchvision import datasets
 
@@ -202,12 +186,12 @@ def prepare_raw_files(data_dir: str | Path, dataset: DatasetName = "mnist", down
         return data_dir, digests
     # torchvision reads root/<Folder>/raw/<uncompressed name>: materialise that layout in a cache
     # folder keyed by content (never in the user's data folder, which may be shared or read-only).
-    root = _cache_root() / "data" / hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
+    root = settings.current().cache_dir / "data" / hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
     target = root / folder / "raw"
     for key, content in contents.items():
         dest = target / FILES[key]
         if not dest.is_file() or hashlib.sha256(dest.read_bytes()).hexdigest() != digests[FILES[key]]:
-            _atomic_write(dest, content)
+            write_atomic(dest, content)
     return root, digests
 
 
@@ -254,6 +238,15 @@ def static_binarize(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """One fixed Bernoulli draw per pixel (p = intensity), as uint8 0/255: statically binarised."""
     probs = images.float().div(255)
     return (torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+
+
+def eval_split(split: Split, binarize: str, seed: int, limit: int = 0) -> Split:
+    """The images an evaluation scores: the first ``limit`` (0 = all), binarised once with a fixed
+    seed under the binarised protocols ('static', 'dynamic'), so scores do not depend on batching."""
+    images, labels = (split.images[:limit], split.labels[:limit]) if limit else (split.images, split.labels)
+    if binarize in ("static", "dynamic"):
+        images = static_binarize(images, seed)
+    return Split(images, labels)
 
 
 class ImageBatches:

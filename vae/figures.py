@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from torchvision.utils import make_grid
 
-from vae.data import ImageBatches, ImageData, Split
-from vae.evaluate import ACTIVE_UNIT_THRESHOLD, _eval_images, active_units, elbo_and_latents
+from vae.data import ImageBatches, ImageData, Split, eval_split
+from vae.likelihood import elbo_and_latents
+from vae.metrics import ACTIVE_UNIT_THRESHOLD, active_units
 
 __all__ = ["plot_interpolations", "plot_kl_per_dim", "plot_latent_grid", "plot_latent_pca", "plot_loss_curves",
            "plot_prior_samples", "plot_reconstructions", "plot_traversals", "write_figures"]
@@ -226,7 +227,7 @@ def write_figures(model: nn.Module, data: ImageData | Split, history: Sequence[M
     split = Split(data.test_images, data.test_labels) if isinstance(data, ImageData) else data
     device = next(model.parameters()).device
     was_training = model.training
-    split = _eval_images(split, binarize, seed, max_images)
+    split = eval_split(split, binarize, seed, max_images)
     stats = elbo_and_latents(model, ImageBatches(split, 500, shuffle=False, device=device), loss_type, seed)
     _, variance = active_units(stats["mu"])
     order = torch.argsort(stats["kl_per_dim"], descending=True).tolist()

@@ -19,7 +19,9 @@ if __name__ == "__main__" and not __package__:  # `python vae/sample.py` puts va
 import torch
 from torchvision.utils import save_image
 
-from vae.utils import get_device, load_model
+from vae.checkpoint import load_model
+from vae.cli import run_cli
+from vae.device import get_device
 
 
 class VAESampler:
@@ -155,8 +157,6 @@ def _main(argv=None) -> int:
 
 
 def cli(argv=None) -> None:
-    from vae.train import run_cli
-
     sys.exit(run_cli(_main, argv))
 
 

@@ -18,7 +18,7 @@ import signal
 
 import torch
 
-import vae.utils
+import vae.checkpoint
 from vae.train import Callback, VAETrainer
 
 
@@ -50,7 +50,7 @@ def kill_mid_write(kind: str, epoch: int) -> None:
             _die()
         return real_save(obj, f, *args, **kwargs)
 
-    vae.utils.torch.save = save  # the module object is torch itself: patched in this process only
+    vae.checkpoint.torch.save = save  # the module object is torch itself: patched in this process only
 
 
 def main() -> None:

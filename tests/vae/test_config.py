@@ -156,15 +156,9 @@ def test_vae_data_dir_sets_data_dir(monkeypatch, tmp_path):
     assert validate_config(get_beta_vae_config()).data.data_dir == str(tmp_path)
 
 
-def test_vae_fast_dev_run_sets_fast_dev_run(monkeypatch):
+def test_presets_do_not_read_vae_fast_dev_run(monkeypatch):
     monkeypatch.setenv("VAE_FAST_DEV_RUN", "3")
-    assert validate_config(get_default_config()).run.fast_dev_run == 3
-
-
-def test_bad_vae_fast_dev_run_fails_validation(monkeypatch):
-    monkeypatch.setenv("VAE_FAST_DEV_RUN", "soon")
-    with pytest.raises(ConfigError, match="fast_dev_run: must be an integer"):
-        validate_config(get_default_config())
+    assert all(preset()["fast_dev_run"] == 0 for preset in PRESETS.values())
 
 
 def test_non_mapping_is_rejected():

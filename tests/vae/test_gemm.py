@@ -1,7 +1,7 @@
-"""vae.gemm: linear layers and small-map convolutions as oneDNN matrix products.
+"""vae.fast.gemm: small-map convolutions as oneDNN matrix products.
 
 Each float32 fast form is compared, outputs and every gradient, with the torch.nn.functional op in
-float64; the model's layers are checked to take the fast form exactly where the rule says.
+float64 (where the model takes them: tests/vae/test_fast.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks._reference import plain_twin
-from vae import gemm
-from vae.model import GEMM_MAX_POSITIONS, VAE, Conv2d, ConvTranspose2d, Linear, _gemm_form
+from vae.fast import gemm
 
 needs_onednn = pytest.mark.skipif(not gemm.available(), reason="this PyTorch build has no oneDNN matmul op")
 CL = torch.channels_last
@@ -42,16 +40,6 @@ def _compare(fast, reference, *inputs, rtol=2e-5):
         scale = float(b.detach().abs().max())
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * scale)
     return got
-
-
-@needs_onednn
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("x_grad", [True, False])
-def test_linear_matches_f_linear(bias, x_grad):
-    x = torch.randn(37, 53, requires_grad=x_grad)
-    w = torch.randn(19, 53, requires_grad=True)
-    b = torch.randn(19, requires_grad=True) if bias else None
-    _compare(gemm.linear, F.linear, x, w, b)
 
 
 @needs_onednn
@@ -97,9 +85,9 @@ def test_conv_transpose2d_matches_f_conv_transpose2d(shape, out_c, k, stride, pa
 
 @needs_onednn
 def test_fast_forms_are_once_differentiable():
-    x = torch.randn(4, 6, requires_grad=True)
-    w = torch.randn(3, 6, requires_grad=True)
-    (gx,) = torch.autograd.grad(gemm.linear(x, w).square().sum(), x, create_graph=True)
+    x = torch.randn(2, 4, 4, 4, requires_grad=True).contiguous(memory_format=CL)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(gemm.conv2d(x, w, None, 2, 1).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         gx.sum().backward()
 
@@ -113,54 +101,3 @@ def test_usable_only_for_cpu_float32_without_autocast():
     assert gemm.usable(x, None) and not gemm.usable(x.double(), None)  # an absent bias is skipped
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not gemm.usable(x)
-        y = Linear(3, 4)(x)
-    assert y.dtype == torch.bfloat16  # autocast's own kernel ran
-
-
-def test_other_dtypes_take_the_plain_ops_exactly():
-    x, w, b = (torch.randn(shape, dtype=torch.float64) for shape in ((5, 8), (3, 8), (3,)))
-    assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
-    assert torch.equal(gemm.linear(x[None], w, b), F.linear(x[None], w, b))  # 3-D input: the plain op
-
-
-@needs_onednn
-def test_the_default_model_takes_the_matrix_forms_exactly_at_its_2x2_layers():
-    model = VAE().to(memory_format=CL)
-    x = torch.rand(2, 1, 28, 28).contiguous(memory_format=CL)
-    seen = {}
-
-    def record(name):
-        return lambda module, inputs, _out: seen.__setitem__(name, _gemm_form(module, inputs[0]))
-
-    for name, module in model.named_modules():
-        if isinstance(module, (Conv2d, ConvTranspose2d)):
-            module.register_forward_hook(record(name))
-    model(x)
-    assert GEMM_MAX_POSITIONS == 4
-    assert [n for n, fast in seen.items() if fast] == ["encoder.3.0", "decoder.0.0"]  # 4x4 -> 2x2, 2x2 -> 4x4
-    assert len(seen) == 8
-    contiguous = VAE()  # a contiguous-format model keeps PyTorch's convolutions
-    assert not _gemm_form(contiguous.encoder[3][0], torch.rand(2, 128, 4, 4))
-    assert not _gemm_form(contiguous.decoder[0][0], torch.rand(2, 256, 2, 2))
-    assert not _gemm_form(model.encoder[3][0], torch.rand(2, 128, 4, 4).double())  # float64: PyTorch's too
-
-
-@needs_onednn
-def test_the_model_in_float32_matches_its_plain_twin_in_float64():
-    """The whole default-size model, channels-last float32 (the fast forms) against the plain
-    torch.nn twin in float64: reconstructions, latents and every parameter's gradient."""
-    ours = VAE(hidden_dims=(8, 16, 32, 64), latent_dim=6).to(memory_format=CL)
-    plain = plain_twin(ours).double()
-    x, eps = torch.rand(16, 1, 28, 28), torch.randn(16, 6)
-    results = []
-    for model, inp in ((ours, x.contiguous(memory_format=CL)), (plain, x.double())):
-        mu, log_var = model.encode(inp)
-        recon = model.decode(mu + torch.exp(0.5 * log_var) * eps.to(mu.dtype))  # the same noise for both
-        ((recon - inp) ** 2).sum().backward()
-        results.append(((recon, mu, log_var), [p.grad for p in model.parameters()]))
-    (outs32, grads32), (outs64, grads64) = results
-    for a, b in zip(outs32, outs64):
-        torch.testing.assert_close(a.detach().double(), b.detach(), rtol=1e-4, atol=1e-4)
-    scale = max(float(g.abs().max()) for g in grads64)
-    for (name, _), a, b in zip(ours.named_parameters(), grads32, grads64):
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * scale, msg=name)

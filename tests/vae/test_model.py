@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmarks._reference import plain_layer, plain_twin
-from vae.model import VAE, Conv2d, ConvTranspose2d, Linear, OutputConv
+from vae.model import VAE
 
 
 @pytest.fixture(autouse=True)
@@ -107,82 +106,11 @@ def test_sample_does_not_track_gradients():
     assert not VAE(hidden_dims=[8], latent_dim=2).sample(2).requires_grad
 
 
-# -- the layer classes: the plain layers' function, parameters and gradients -------------------------
-def _outputs_and_grads(layer, x):
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
-    return [y, x.grad, *(p.grad for p in layer.parameters())]
-
-
-@pytest.mark.parametrize("make, shape", [
-    (lambda: Conv2d(1, 32, 3, stride=2, padding=1), (4, 1, 28, 28)),
-    (lambda: Conv2d(64, 128, 3, stride=2, padding=1), (4, 64, 7, 7)),
-    (lambda: ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (4, 64, 7, 7)),
-    (lambda: ConvTranspose2d(128, 64, 3, stride=2, padding=1, output_padding=0), (4, 128, 4, 4)),
-    (lambda: OutputConv(32, 1, 3), (4, 32, 28, 28)),
-    (lambda: OutputConv(8, 3, 5), (3, 8, 9, 11)),  # RGB output, a 5×5 kernel, a non-square image
-    (lambda: Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 5, 5)),
-])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_layers_compute_the_plain_layers_function_and_gradients(make, shape, channels_last):
-    torch.manual_seed(0)
-    layer = make().double()
-    twin = plain_layer(layer)
-    x = torch.randn(shape, dtype=torch.float64)
-    if channels_last:
-        layer, twin = layer.to(memory_format=torch.channels_last), twin.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    for ours, plain in zip(_outputs_and_grads(layer, x), _outputs_and_grads(twin, x)):
-        torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-10)
-
-
-def test_output_conv_passes_gradcheck():
-    layer = OutputConv(3, 2, 3).double()
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = layer.weight.detach().clone().requires_grad_(True)
-    b = layer.bias.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda inp, weight, bias: torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (inp,)), (x, w, b))
-
-
-def test_output_conv_under_bf16_autocast_stays_close_to_float32():
-    torch.manual_seed(0)
-    layer, x = OutputConv(32, 1, 3), torch.randn(4, 32, 28, 28)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.float32
-    torch.testing.assert_close(y, plain_layer(layer)(x), rtol=0.05, atol=0.1)
-
-
-def test_output_conv_rejects_an_even_kernel():
-    with pytest.raises(ValueError, match="kernel_size must be odd"):
-        OutputConv(4, 1, 4)
-
-
-def test_the_model_in_plain_torch_nn_layers_is_the_same_function():
-    """benchmarks/_reference.py's plain twin (what the pythae contender trains) loads our state_dict and
-    computes the same images, latents and gradients, in training and in evaluation mode (float64)."""
-    torch.manual_seed(0)
-    ours = VAE(hidden_dims=(8, 16, 32), latent_dim=4)
-    plain = plain_twin(ours)
-    assert not {type(m) for m in plain.modules()} & {Conv2d, ConvTranspose2d, Linear, OutputConv}
-    assert not any(m.inplace for m in plain.modules() if isinstance(m, torch.nn.LeakyReLU))
-    ours, plain = ours.double(), plain.double()
-    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
-    outputs = []
-    for model in (ours, plain):
-        torch.manual_seed(1)
-        recon, mu, log_var = model(x)
-        ((recon - x) ** 2).sum().backward()
-        outputs.append((recon, mu, log_var))
-    for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    # The conv biases that feed a BatchNorm have zero gradient in exact arithmetic: both models give
-    # rounding noise there, so the absolute tolerance is scaled by the largest gradient.
-    scale = max(float(p.grad.abs().max()) for p in ours.parameters())
-    for (name, p_ours), p_plain in zip(ours.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_plain.grad, rtol=1e-8, atol=1e-12 * scale, msg=name)
-    ours.eval(), plain.eval()
-    z = torch.randn(5, 4, dtype=torch.float64)
-    torch.testing.assert_close(ours.decode(z), plain.decode(z), rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("decoder", ["conv", "autoregressive"])
+def test_the_model_is_built_from_plain_torch_nn_layers(decoder):
+    model = VAE(hidden_dims=[8, 16], latent_dim=2, decoder=decoder)
+    layers = {type(m) for m in model.modules() if not list(m.children())}
+    assert layers <= {torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.BatchNorm2d,
+                      torch.nn.LeakyReLU}
+    assert all(type(m).__module__.startswith("torch.nn") for m in model.modules()
+               if m is not model and type(m).__name__ != "LocalAutoregressiveHead")

@@ -12,7 +12,7 @@ import torch
 
 from vae.config import ConfigError
 from vae.train import TRAIN_KEYS, VAL_KEYS, Callback, NonFiniteLossError, RunExistsError, VAETrainer, cli
-from vae.utils import CheckpointError, load_checkpoint
+from vae.checkpoint import CheckpointError, load_checkpoint
 
 TIMING_KEYS = {"train/images_per_s"}
 
@@ -112,14 +112,13 @@ def test_checkpoints_are_plain_data_with_config_and_states(tiny_config):
 
 
 def test_checkpoint_optimizer_state_is_per_parameter_and_loads_into_a_plain_adamw(tiny_config):
-    """The trainer steps a flat optimizer (FlatParameters) but stores the state an AdamW over the
-    separate parameters has: any reader of last.pth (older code, a plain optimizer) can load it."""
+    """last.pth stores the state an AdamW over the separate parameters has: any reader of it (a
+    plain optimizer, the code before the redesign) can load it."""
     from vae.model import VAE
-    from vae.utils import create_optimizer, parameter_groups
+    from vae.optim import create_optimizer, parameter_groups
 
     trainer = VAETrainer(tiny_config)
     trainer.train()
-    assert len(trainer.optimizer.param_groups[0]["params"]) == 1  # one flat tensor per group
     state = load_checkpoint(trainer.last_path)["optimizer_state"]
     model = VAE(hidden_dims=[8, 16], latent_dim=4)
     model.load_state_dict(load_checkpoint(trainer.last_path)["model_state"])
@@ -342,3 +341,23 @@ def test_cli_existing_run_exits_2_and_suggests_resume(tiny_config, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err
+
+
+def test_vae_fast_dev_run_makes_a_smoke_run_and_says_so(tiny_config, monkeypatch):
+    monkeypatch.setenv("VAE_FAST_DEV_RUN", "2")
+    with pytest.warns(UserWarning, match="VAE_FAST_DEV_RUN=2: this is a smoke run of 1 epoch of 2 batch"):
+        trainer = VAETrainer({**tiny_config, "num_epochs": 3})
+    result = trainer.train()
+    assert result["epochs_completed"] == 1 and result["global_step"] == 2
+
+
+def test_fast_off_trains_the_plain_model_and_fast_on_the_same_state_dict(tiny_config):
+    from vae import fast
+
+    plain = VAETrainer({**tiny_config, "fast": False, "experiment_name": "plain"})
+    plain.train()
+    assert set(fast.forms(plain.model).values()) == {"plain"}
+    accelerated = VAETrainer({**tiny_config, "experiment_name": "fast"})
+    accelerated.train()
+    assert "output_conv" in fast.forms(accelerated.model).values()
+    assert plain.model.state_dict().keys() == accelerated.model.state_dict().keys()

@@ -1,14 +1,13 @@
-"""Linear layers and small-map convolutions as oneDNN matrix products (CPU, float32).
+"""Convolutions on 2×2 maps as oneDNN matrix products (CPU, float32).
 
-PyTorch computes a float32 ``x @ W.T`` on the CPU with MKL's sgemm. On AMD processors MKL takes its
-AVX2 path: ~200 GFLOP/s on the development machine's two Zen 5 cores, where oneDNN's matmul runs the
-same products at 335-470 GFLOP/s (``benchmarks/gemm.py``). PyTorch reaches that matmul through
-``torch.ops.mkldnn._linear_pointwise``, the op its own compiler emits for CPU linear layers; this
-module gives it a backward pass. It also runs the convolutions whose small side is a 2×2 map (the
-seed's 128→256 conv at 4×4→2×2 and its mirror, the 256→128 transposed conv): oneDNN's direct
-convolution kernels run those at ~240 GFLOP/s, and the same multiply-adds as im2col / col2im + that
-matmul take the layer's forward + backward 1.5-1.7x faster. Larger maps stay with oneDNN's
-convolutions, which are faster there.
+oneDNN's direct convolution kernels run the seed's 128→256 conv (4×4→2×2) and its mirror, the
+256→128 transposed conv (2×2→4×4), at a fraction of the machine's matrix-product speed: the maps
+are too small for their blocking. The same multiply-adds as im2col / col2im + one matrix product
+take those layers' forward + backward 1.5x faster (``python -m benchmarks.gemm``, on an AMD Zen 5
+and an Intel Xeon); larger maps stay with oneDNN's convolutions, which are faster there. The
+product is ``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own compiler emits for CPU
+linear layers (on AMD CPUs 1.7-2.3x faster than MKL's sgemm, which takes its AVX2 path there; on
+the Intel Xeon measured, equal); this module gives it backward passes.
 
 Every function here computes exactly what its ``torch.nn.functional`` namesake computes (tests
 compare outputs and gradients with float64 references), and :func:`usable` says when the fast form
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "usable", "linear", "conv2d", "conv_transpose2d"]
+__all__ = ["available", "usable", "conv2d", "conv_transpose2d"]
 
 
 @functools.cache
@@ -51,30 +50,6 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, K) @ b (N, K)ᵀ (+ bias) on oneDNN's matmul; a and b may be transposed views."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-
-
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _mm(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        return (_mm(grad, weight.T) if need_x else None,       # (M, N) @ (N, K)
-                _mm(grad.T, x.T) if need_w else None,          # (N, M) @ (M, K)
-                grad.sum(0) if need_b and ctx.has_bias else None)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for 2-D ``x``, on oneDNN's matmul when :func:`usable`."""
-    if x.dim() != 2 or not usable(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
 
 
 # -- convolutions -----------------------------------------------------------------------------------

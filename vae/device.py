@@ -1,0 +1,34 @@
+"""Where tensors live and how runs are seeded: ``get_device`` and ``set_seed``."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from vae.config import ConfigError
+
+__all__ = ["get_device", "set_seed"]
+
+
+def get_device(preference: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU; otherwise the named device.
+
+    Raises:
+        ConfigError: the named device is not available here (the CLIs turn it into one line, exit 2).
+    """
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (preference == "cuda" and not torch.cuda.is_available()) or (preference == "mps" and not mps):
+        raise ConfigError([f"device: {preference!r} was asked for but is not available on this machine; "
+                           f"use --device auto or cpu"])
+    return torch.device(preference)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
