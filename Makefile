@@ -64,7 +64,7 @@ PREFECT := $(VENV)/bin/prefect
 PREFECT_API := $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_PORT)/api)
 .PHONY: ui server pool deploy worker run-deployment retrain
 ui: install  ## MLflow UI for the pipeline store (mlruns/) on 127.0.0.1:5000 (MLFLOW_PORT=...)
-	$(PY) -m mlflow ui --backend-store-uri "$$($(PY) -c 'from pipelines.tracking import tracking_uri; print(tracking_uri())')" \
+	$(PY) -m mlflow ui --backend-store-uri "$$($(PY) -c 'from tracking import tracking_uri; print(tracking_uri())')" \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT) -w 1
 
 server: install  ## a Prefect server on 127.0.0.1:4200 (PREFECT_PORT=...; state in .prefect/)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
 def _warm_up(data_dir: str | None) -> None:
     """Create the MLflow store and read the data once, so neither sweep's wall time pays for it."""
-    from pipelines.tracking import get_client
+    from tracking import get_client
     from vae.config import get_default_config
     from vae.data import load_dataset
 

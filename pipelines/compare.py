@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import tracking
+import tracking
 
 
 class CompareError(ValueError):

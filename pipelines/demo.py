@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from pipelines import tracking
+import tracking
 from pipelines.training import vae_training
 
 DEMO = {"preset": "small", "iw_k": 1000, "eval_max_images": 500}

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
+import tracking
 
 PYFUNC_CODE = Path(__file__).with_name("vae_pyfunc.py")
 MODEL_ARTIFACT = "model"

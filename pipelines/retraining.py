@@ -21,7 +21,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import registry, tasks, tracking
+import tracking
+from pipelines import registry, tasks
 from pipelines.training import DEFAULT_IW_K, build_config, check_eval_options, vae_training
 from vae.config import ConfigError, validate_config
 
@@ -181,7 +182,7 @@ def _main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.tracking import TrackingUnavailableError
+    from tracking import TrackingUnavailableError
     from vae.cli import run_cli
 
     sys.exit(run_cli(_main, extra_errors=(TrackingUnavailableError,)))

@@ -3,7 +3,7 @@
 - ``prepare_data``: locate, verify (IDX header, sizes, SHA-256) and cache a dataset as tensors;
   its result is cached by the input digest (:func:`data_cache_key`).
 - ``start_run`` / ``finish_run``: the MLflow run (params, tags, dataset input) around the rest.
-- ``train``: :class:`vae.train.VAETrainer` with :class:`pipelines.tracking.MLflowCallback`.
+- ``train``: :class:`vae.train.VAETrainer` with :class:`tracking.MLflowCallback`.
 - ``evaluate``: :func:`vae.evaluate.evaluate` on the test set; metrics to the run.
 - ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``.
 - ``summary``: a Prefect markdown artifact summarising the run (metrics table, MLflow link).
@@ -26,7 +26,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import registry, tracking
+import tracking
+from pipelines import registry
 from vae import settings
 from vae.config import validate_config
 from vae.data import FILES, ImageData, load_dataset

@@ -4,7 +4,7 @@ Parameters are config overrides over a preset (``vae.config.PRESETS``): the comm
 (``num_epochs``, ``latent_dim``, ``beta``, ...), any other key in ``overrides``; a bad key or
 value fails the flow at once with every problem named. Evaluation options (``iw_k``, ...) are
 the flow's own. Everything lands in one MLflow run of the config's ``experiment_name``
-(see :mod:`pipelines.tracking`), and the model becomes a ``vae-mnist`` version aliased
+(see :mod:`tracking`), and the model becomes a ``vae-mnist`` version aliased
 ``challenger``.
 
 Command line (the ``vae-pipeline`` script): ``python -m pipelines.training --preset small
@@ -22,7 +22,8 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from pipelines import tasks, tracking
+import tracking
+from pipelines import tasks
 from vae.config import PRESETS, ConfigError, add_config_arguments, config_from_args, validate_config
 
 Preset = Literal["default", "small", "beta_vae", "disentangled", "benchmark"]

@@ -94,7 +94,7 @@ def parse_options(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipelines.tracking import TrackingUnavailableError
+    from tracking import TrackingUnavailableError
     from vae.data import DataError
 
     try:

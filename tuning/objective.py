@@ -1,6 +1,6 @@
 """The objective: a trial becomes a config dict, trained by the pipeline's own ``VAETrainer``.
 
-Tracking and pruning attach to the trainer as callbacks: :class:`pipelines.tracking.MLflowCallback`
+Tracking and pruning attach to the trainer as callbacks: :class:`tracking.MLflowCallback`
 logs each epoch to the trial's nested run, :class:`ReportCallback` reports the metric to Optuna
 and raises ``optuna.TrialPruned`` from inside training when the pruner says so, so a pruned trial
 stops at once. The metric does not depend on β (validation negative ELBO at β = 1, or the IW
@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from pipelines import tracking
+import tracking
 from tuning import runs
 from tuning.options import SweepOptions
 from tuning.space import suggest

@@ -1,6 +1,6 @@
 """MLflow runs of a sweep: one parent run per invocation, one nested run per trial.
 
-Names follow :mod:`pipelines.tracking` (params ``section.key``, the library's metric keys,
+Names follow :mod:`tracking` (params ``section.key``, the library's metric keys,
 ``run_kind`` tags) and everything logs through ``MlflowClient`` with explicit run ids, so worker
 processes and Prefect task threads attach their trials to the parent by its id alone.
 
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
+import tracking
 from tuning.options import SweepOptions, redact
 
 __all__ = ["start_parent_run", "start_trial_run", "end_trial_run", "close_orphaned_trial_runs",

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines import tracking
+from vae.files import exclusive_file_lock
 from tuning.options import SweepError, SweepOptions, optuna_dir, redact
 
 __all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
@@ -60,7 +60,7 @@ def _creation_lock(url: str):
         return
     path = Path(url[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tracking.exclusive_file_lock(path.with_name(path.name + ".lock")):
+    with exclusive_file_lock(path.with_name(path.name + ".lock")):
         yield
 
 

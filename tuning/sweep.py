@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipelines import tracking
+import tracking
 from tuning import runs
 from tuning.objective import Objective, SweepInterrupted
 from tuning.options import SweepOptions, optuna_dir, redact

@@ -48,7 +48,7 @@ def _seed_store(store: Path, template: Path) -> None:
 @pytest.fixture
 def client(mlflow_store, empty_store_db):
     """An MlflowClient on this test's own store (``mlflow_store``)."""
-    from pipelines import tracking
+    import tracking
 
     _seed_store(mlflow_store, empty_store_db)
     return tracking.get_client()
@@ -67,7 +67,7 @@ def module_store(tmp_path_factory, empty_store_db):
 
 @pytest.fixture(scope="module")
 def module_client(module_store):
-    from pipelines import tracking
+    import tracking
 
     return tracking.get_client()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect.exceptions import ParameterBindError
 
-from pipelines import tracking
+import tracking
 from pipelines.training import vae_training
 from tests.pipelines.conftest import FAST_EVAL
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines import compare, tracking
+import tracking
+from pipelines import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 

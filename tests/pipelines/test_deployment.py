@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pipelines import tracking
+import tracking
 from pipelines.local_loop import LocalLoop
 from tests.pipelines.conftest import FAST_EVAL, TINY
 

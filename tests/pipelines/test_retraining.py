@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import tracking
+import tracking
 from pipelines.retraining import vae_retraining
 from tests.pipelines.conftest import FAST_EVAL, prefect_artifact, tiny_overrides_for
 

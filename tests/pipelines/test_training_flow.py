@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import registry, tracking
+import tracking
+from pipelines import registry
 from pipelines.training import vae_training
 from tests.pipelines.conftest import FAST_EVAL, prefect_artifact, task_runs, tiny_overrides_for
 

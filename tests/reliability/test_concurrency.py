@@ -55,7 +55,7 @@ def test_two_flows_and_a_sweep_at_once_record_everything(procs, tmp_path, tiny_d
 
     monkeypatch.setenv("VAE_MLRUNS_DIR", shared_env["VAE_MLRUNS_DIR"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from pipelines import tracking
+    import tracking
 
     client = tracking.get_client()
     results = [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outputs[:2]]
@@ -145,7 +145,7 @@ def test_killed_sweep_worker_leaves_its_trial_failed_and_the_study_usable(procs,
     # MLflow: the killed trial's run must not stay RUNNING forever once its trial is FAIL
     monkeypatch.setenv("VAE_MLRUNS_DIR", env["VAE_MLRUNS_DIR"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from pipelines import tracking
+    import tracking
 
     client = tracking.get_client()
     killed_run = client.get_run(killed.user_attrs["mlflow_run_id"])

@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def test_diverging_flow_run_ends_failed_with_the_reason_and_registers_nothing(prefect_harness, mlflow_store,
                                                                               tiny_data_dir, tmp_path):
-    from pipelines import tracking
+    import tracking
     from pipelines.training import vae_training
 
     overrides = {**TINY_FLOW, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(tmp_path / "ck"),

@@ -64,7 +64,7 @@ def tiny_options(optuna_dir, tiny_fixed, study_name):
 @pytest.fixture
 def mlflow_runs(optuna_dir, study_name):
     """``mlflow_runs()``: the (parent, trial runs) of this test's experiment."""
-    from pipelines.tracking import get_client
+    from tracking import get_client
 
     def read():
         client = get_client()

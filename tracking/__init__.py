@@ -1,0 +1,24 @@
+"""MLflow conventions shared by the pipelines and the tuning package: one place for names.
+
+The layer between the library and the orchestrators: ``vae`` (no tracker) <- ``tracking``
+(MLflow only) <- ``tuning`` (Optuna) <- ``pipelines`` (Prefect). Modules: :mod:`tracking.names`
+(the registered model, aliases, tags), :mod:`tracking.store` (where runs go: URI, client,
+experiments, run links), :mod:`tracking.runs` (metrics, params, tags, the dataset, the trainer
+callback). What runs are called: params ``<section>.<key>`` (``model.latent_dim``), metrics as the
+library names them (``train/loss``, ``val/nelbo``, ``test/iw_nll_k1000``), the tags of
+:mod:`tracking.names`, the registered model ``vae-mnist`` with aliases ``champion``/``challenger``.
+
+MLflow's active run is per thread and Prefect tasks run in worker threads, so everything here
+logs through ``MlflowClient`` with an explicit run id, never the fluent ``mlflow.log_*`` API.
+"""
+
+from tracking.names import *  # noqa: F403 - the package's flat API: tracking.MODEL_NAME, tracking.TAG_...
+from tracking.names import __all__ as _names
+from tracking.runs import (MLflowCallback, environment_tags, git_commit, log_dataset, log_metrics, log_params,
+                           run_link)
+from tracking.store import (TrackingUnavailableError, check_reachable, ensure_experiment, get_client, is_local_store,
+                            local_store_dir, tracking_uri)
+
+__all__ = [*_names, "MLflowCallback", "TrackingUnavailableError", "check_reachable", "ensure_experiment",
+           "environment_tags", "get_client", "git_commit", "is_local_store", "local_store_dir", "log_dataset",
+           "log_metrics", "log_params", "run_link", "tracking_uri"]

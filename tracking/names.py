@@ -1,0 +1,23 @@
+"""The names every run shares: the registered model and its aliases, tags, where the local UI is."""
+
+from __future__ import annotations
+
+__all__ = ["MODEL_NAME", "CHAMPION", "CHALLENGER", "TAG_GIT_COMMIT", "TAG_DATASET_DIGEST", "TAG_DEVICE", "TAG_TORCH_VERSION", "TAG_FLOW_RUN_ID", "TAG_RUN_KIND", "TAG_CHECKPOINT_DIR", "TAG_DECISION", "TAG_DECISION_REASON", "TAG_FAILURE_REASON", "TAG_CHALLENGER_SCORE", "TAG_CHAMPION_SCORE", "TAG_SCORE_METRIC", "UI_URL"]
+
+MODEL_NAME = "vae-mnist"
+CHAMPION, CHALLENGER = "champion", "challenger"
+TAG_GIT_COMMIT = "git_commit"
+TAG_DATASET_DIGEST = "dataset_digest"
+TAG_DEVICE = "device"
+TAG_TORCH_VERSION = "torch_version"
+TAG_FLOW_RUN_ID = "prefect_flow_run_id"
+TAG_RUN_KIND = "run_kind"  # training | retraining | sweep | trial
+TAG_CHECKPOINT_DIR = "checkpoint_dir"
+# The retraining decision, set on the challenger's run (and its model version).
+TAG_DECISION = "retrain.decision"  # promoted | kept
+TAG_DECISION_REASON = "retrain.reason"
+TAG_FAILURE_REASON = "failure_reason"  # why a FAILED run failed: "<Error>: <message>"
+TAG_CHALLENGER_SCORE = "retrain.challenger_score"
+TAG_CHAMPION_SCORE = "retrain.champion_score"
+TAG_SCORE_METRIC = "retrain.score_metric"
+UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the local store

@@ -1,0 +1,88 @@
+"""What a run records: metrics and params in batches, the standard tags, the dataset, and the
+trainer callback that sends each epoch's metrics (by run id, from any thread)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.tracking import MlflowClient
+
+from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_RUN_KIND,
+                            TAG_TORCH_VERSION, UI_URL)
+from vae.train import Callback
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log a dict of metrics in one request (MLflow metric names keep the library's slashes)."""
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+    for i in range(0, len(batch), 900):  # MLflow's per-request limit is 1000 metrics
+        client.log_batch(run_id, metrics=batch[i:i + 900], synchronous=True)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 90):  # per-request limit is 100 params
+        client.log_batch(run_id, params=items[i:i + 90], synchronous=True)
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The checkout's commit (``+dirty`` when it has local changes), or ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags(device: str, dataset_digest: str, run_kind: str, flow_run_id: str | None = None) -> dict[str, str]:
+    """The tags every pipeline run carries, named the same across runs."""
+    return {TAG_GIT_COMMIT: git_commit(), TAG_DATASET_DIGEST: dataset_digest, TAG_DEVICE: device,
+            TAG_TORCH_VERSION: torch.__version__, TAG_FLOW_RUN_ID: flow_run_id or "", TAG_RUN_KIND: run_kind}
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str,
+                profile: Mapping[str, Any], context: str = "training") -> None:
+    """Record a dataset as the run's input (MLflow's Datasets panel): name, digest, source, sizes."""
+    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+                      schema=json.dumps({"images": "uint8 (N, 28, 28)", "labels": "int64 (N,)"}),
+                      profile=json.dumps(dict(profile)))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def run_link(client: MlflowClient, experiment_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server, or the local UI that ``make ui`` starts."""
+    uri = client.tracking_uri
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+class MLflowCallback(Callback):
+    """Sends the trainer's per-epoch metrics to one MLflow run (by id, from any thread).
+
+    Args:
+        log_checkpoints: at the end of training, also log ``best_model.pth``, ``config.json`` and
+            ``metrics.jsonl`` under ``checkpoints/`` (off for sweep trials, which keep them on disk).
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, log_checkpoints: bool = False):
+        self.client, self.run_id, self.log_checkpoints = client, run_id, log_checkpoints
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics(self.client, self.run_id, metrics, step=epoch)
+
+    def on_train_end(self, trainer, result: dict[str, Any]) -> None:
+        if not self.log_checkpoints:
+            return
+        run_dir = Path(result["run_dir"])
+        for name in ("best_model.pth", "config.json", "metrics.jsonl"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name), "checkpoints")
