@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 from vae.config import ConfigError, add_config_arguments, config_from_args, get_benchmark_config  # noqa: E402
 from vae.data import ImageBatches, load_dataset, split_train_val  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
+from vae.files import write_atomic  # noqa: E402
 from vae.losses import build_loss  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.train import Callback, VAETrainer, train_one_epoch  # noqa: E402
@@ -83,6 +84,33 @@ class Deadline(Callback):
             self.timer.cancel()
 
 
+def score(model_path: str, data, k: int, test_images: int) -> dict:
+    """Test NELBO on all test images and the IW bound with ``k`` samples on the first ``test_images``."""
+    model, checkpoint = load_model(model_path)
+    model = fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
+    t1 = time.perf_counter()
+    full = evaluate(model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
+    sub = evaluate(model, data, loss_type="bce", binarize="dynamic", k=k, probe=False, fid=False,
+                   max_test_images=test_images)
+    return {"eval_minutes": (time.perf_counter() - t1) / 60, "test/nelbo": full["test/nelbo"],
+            "test/recon": full["test/recon"], "test/kl": full["test/kl"],
+            "test/active_units": full["test/active_units"], "iw_test_images": sub["test/num_images"],
+            f"test/iw_nll_k{k}": sub[f"test/iw_nll_k{k}"], f"test/iw_nll_k{k}_se": sub[f"test/iw_nll_k{k}_se"],
+            "subset/nelbo": sub["test/nelbo"], "model_path": model_path}
+
+
+def report(out: dict, k: int, latent_dim: int) -> None:
+    """The results as a few lines: nats per image, with the protocol each number follows."""
+    print(f"epochs {out['epochs']} ({out['status']}), training {out['train_minutes']:.1f} min, "
+          f"evaluation {out['eval_minutes']:.1f} min")
+    print(f"test NELBO (10,000 images): {out['test/nelbo']:.2f} nats (recon {out['test/recon']:.2f}, "
+          f"KL {out['test/kl']:.2f}); active units {out['test/active_units']:.0f} of {latent_dim}")
+    print(f"test IW bound k={k} on {int(out['iw_test_images'])} images: {out[f'test/iw_nll_k{k}']:.2f} "
+          f"± {out[f'test/iw_nll_k{k}_se']:.2f} nats (NELBO on the same images {out['subset/nelbo']:.2f})")
+    print(f"model: {out['model_path']} (more test images later: python -m vae.evaluate --model_path "
+          f"{out['model_path']} --k {k} --no_probe --no_fid)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="training budget in minutes (default: 60)")
@@ -124,31 +152,11 @@ def main(argv=None) -> int:
     result = VAETrainer(cfg, callbacks, overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0
     model_path = result["best_model_path"] or result["last_model_path"]
-    model, checkpoint = load_model(model_path)
-    model = fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
-
-    t1 = time.perf_counter()
-    full = evaluate(model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
-    sub = evaluate(model, data, loss_type="bce", binarize="dynamic", k=args.k, probe=False, fid=False,
-                   max_test_images=args.test_images)
-    eval_s = time.perf_counter() - t1
-    k = args.k
-    out = {"epochs": result["epochs_completed"], "status": result["status"], "train_minutes": train_s / 60,
-           "eval_minutes": eval_s / 60, "test/nelbo": full["test/nelbo"], "test/recon": full["test/recon"],
-           "test/kl": full["test/kl"], "test/active_units": full["test/active_units"],
-           "iw_test_images": sub["test/num_images"], f"test/iw_nll_k{k}": sub[f"test/iw_nll_k{k}"],
-           f"test/iw_nll_k{k}_se": sub[f"test/iw_nll_k{k}_se"], "subset/nelbo": sub["test/nelbo"],
-           "model_path": model_path, "config": cfg.to_dict()}
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"epochs {out['epochs']} ({result['status']}), training {out['train_minutes']:.1f} min, "
-          f"evaluation {out['eval_minutes']:.1f} min")
-    print(f"test NELBO (10,000 images): {out['test/nelbo']:.2f} nats (recon {out['test/recon']:.2f}, "
-          f"KL {out['test/kl']:.2f}); active units {out['test/active_units']:.0f} of {cfg.model.latent_dim}")
-    print(f"test IW bound k={k} on {int(out['iw_test_images'])} images: {out[f'test/iw_nll_k{k}']:.2f} "
-          f"± {out[f'test/iw_nll_k{k}_se']:.2f} nats (NELBO on the same images {out['subset/nelbo']:.2f})")
-    print(f"model: {model_path} (more test images later: python -m vae.evaluate --model_path {model_path} "
-          f"--k {k} --no_probe --no_fid)")
+    out = score(model_path, data, args.k, args.test_images)
+    out.update(epochs=result["epochs_completed"], status=result["status"], train_minutes=train_s / 60,
+               config=cfg.to_dict())
+    write_atomic(Path(args.output_dir) / "results.json", json.dumps(out, indent=2) + "\n")
+    report(out, args.k, cfg.model.latent_dim)
     return 0
 
 

@@ -120,25 +120,16 @@ def run_bare(args, name: str) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "images": n * args.epochs, "train_loop_ips": n * args.epochs / wall}
 
 
-def run_pythae(args, name: str) -> dict:
-    import logging
-
+def _pythae_model(vae):
+    """pythae's VAE around ``vae``'s encoder and decoder (wrapped in its BaseEncoder/BaseDecoder)."""
     import torch
     from pythae.models import VAE as PythaeVAE
     from pythae.models import VAEConfig
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseEncoder
-    from pythae.pipelines import TrainingPipeline
-    from pythae.trainers import BaseTrainerConfig
-    from pythae.trainers.training_callbacks import TrainingCallback
-
-    from vae import fast
-    from vae.model import VAE
-
-    logging.getLogger("pythae").setLevel(logging.WARNING)
 
     class Encoder(BaseEncoder):
-        def __init__(self, vae: VAE):
+        def __init__(self):
             super().__init__()
             self.encoder, self.fc_mu, self.fc_log_var = vae.encoder, vae.fc_mu, vae.fc_log_var
 
@@ -147,7 +138,7 @@ def run_pythae(args, name: str) -> dict:
             return ModelOutput(embedding=self.fc_mu(h), log_covariance=self.fc_log_var(h))
 
     class Decoder(BaseDecoder):
-        def __init__(self, vae: VAE):
+        def __init__(self):
             super().__init__()
             self.decoder_input, self.decoder, self.final_layer = vae.decoder_input, vae.decoder, vae.final_layer
             self.shape = (vae.hidden_dims[-1], vae._bottom, vae._bottom)
@@ -155,6 +146,23 @@ def run_pythae(args, name: str) -> dict:
         def forward(self, z):
             h = self.decoder_input(z).view(-1, *self.shape)
             return ModelOutput(reconstruction=torch.sigmoid(self.final_layer(self.decoder(h))))
+
+    config = VAEConfig(input_dim=(1, 28, 28), latent_dim=vae.latent_dim, reconstruction_loss="mse")
+    return PythaeVAE(config, encoder=Encoder(), decoder=Decoder())
+
+
+def run_pythae(args, name: str) -> dict:
+    import logging
+
+    import torch
+    from pythae.pipelines import TrainingPipeline
+    from pythae.trainers import BaseTrainerConfig
+    from pythae.trainers.training_callbacks import TrainingCallback
+
+    from vae import fast
+    from vae.model import VAE
+
+    logging.getLogger("pythae").setLevel(logging.WARNING)
 
     class TrainLoopTimer(TrainingCallback):  # time from the first train step to each evaluation
         def __init__(self):
@@ -171,9 +179,7 @@ def run_pythae(args, name: str) -> dict:
     n = len(train) // BATCH * BATCH
     x_train = train.images[:n].unsqueeze(1).float().div(255)
     x_val = val.images.unsqueeze(1).float().div(255)
-    vae = fast.accelerate(VAE(), "cpu") if name == "pythae-fast-layers" else VAE()
-    model = PythaeVAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=vae.latent_dim, reconstruction_loss="mse"),
-                      encoder=Encoder(vae), decoder=Decoder(vae))
+    model = _pythae_model(fast.accelerate(VAE(), "cpu") if name == "pythae-fast-layers" else VAE())
     timer = TrainLoopTimer()
     with tempfile.TemporaryDirectory() as tmp:
         config = BaseTrainerConfig(output_dir=tmp, num_epochs=args.epochs, per_device_train_batch_size=BATCH,

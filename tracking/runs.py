@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_RUN_KIND,
                             TAG_TORCH_VERSION, UI_URL)
-from vae.train import Callback
+from vae.callbacks import Callback
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log a dict of metrics in one request (MLflow metric names keep the library's slashes)."""

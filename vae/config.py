@@ -139,11 +139,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat plain-data dict (lists, not tuples) that ``validate_config`` accepts."""
-        out: dict[str, Any] = {}
-        for name in _SECTIONS:
-            for k, v in dataclasses.asdict(getattr(self, name)).items():
-                out[k] = list(v) if isinstance(v, tuple) else v
-        return out
+        return {key: value for _, key, value in _plain_items(self)}
 
     def replace(self, **overrides: Any) -> "Config":
         """A new validated config with some flat keys changed."""
@@ -170,7 +166,8 @@ def get_default_config() -> dict[str, Any]:
     ``data_dir`` is where the data lives on this machine: ``$VAE_DATA_DIR`` when set, else
     ``./data`` (:mod:`vae.settings`); every other value is the field's default.
     """
-    return {**{key: _default(f) for key, (_, f) in _FIELDS.items()}, "data_dir": settings.current().data_dir or "./data"}
+    defaults = {key: _default(f) for key, (_, f) in _FIELDS.items()}
+    return {**defaults, "data_dir": settings.current().data_dir or "./data"}
 
 
 def get_beta_vae_config() -> dict[str, Any]:
@@ -320,11 +317,13 @@ def validate_config(raw: Mapping[str, Any] | Config) -> Config:
 
 def flatten_params(cfg: Config) -> dict[str, Any]:
     """``{'model.latent_dim': 128, 'loss.beta_end': 1.0, ...}``: stable names for trackers."""
-    out = {}
-    for sec in _SECTIONS:
-        for k, v in dataclasses.asdict(getattr(cfg, sec)).items():
-            out[f"{sec}.{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
+    return {f"{section}.{key}": value for section, key, value in _plain_items(cfg)}
+
+
+def _plain_items(cfg: Config) -> list[tuple[str, str, Any]]:
+    """(section, key, value as plain data: lists, not tuples) of every field of ``cfg``."""
+    return [(sec, k, list(v) if isinstance(v, tuple) else v)
+            for sec in _SECTIONS for k, v in dataclasses.asdict(getattr(cfg, sec)).items()]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -345,10 +344,5 @@ def config_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = 
     return validate_config(cfg)
 
 
-PRESETS = {
-    "default": get_default_config,
-    "beta_vae": get_beta_vae_config,
-    "disentangled": get_disentangled_config,
-    "benchmark": get_benchmark_config,
-    "small": get_small_config,
-}
+PRESETS = {"default": get_default_config, "beta_vae": get_beta_vae_config, "disentangled": get_disentangled_config,
+           "benchmark": get_benchmark_config, "small": get_small_config}

@@ -65,16 +65,15 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
         train: the probe's training split when ``data`` is a Split (default: ``data.train_*``).
         loss_type: the decoder's likelihood, 'bce' or 'mse' (the config's reconstruction_loss_type).
         binarize: the data protocol the model was trained on ('none', 'static', 'dynamic').
-        k: importance samples of the IW bound (0 skips it: it costs k decoder passes per image).
+        k, iw_chunk: importance samples of the IW bound (0 skips it: it costs k decoder passes per
+            image); images per decoder pass of the bound (bounds memory).
         probe, fid: fit the linear probe (encodes the training images); compute ``fid_cls`` and
             ``class_entropy`` (needs ``classifier`` or an ImageData to train the cached one from).
         classifier, classifier_cache: a trained :class:`vae.classifier.DigitClassifier`, else the
             cached one from this folder (default ``$VAE_CACHE_DIR/classifier``).
         num_samples: prior samples for the FID.
         max_test_images, max_train_images: use only the first N images (0 = all), for quick runs.
-        iw_chunk: images per decoder pass of the IW bound (bounds memory).
-        seed: seed of every random draw (binarisation, z samples, prior samples).
-        prefix: key prefix, e.g. 'test' or 'val'.
+        seed, prefix: seed of every random draw (binarisation, z, prior samples); key prefix ('test').
         retain_memory: run under :func:`vae.fast.retained_heap` (the IW bound allocates and frees
             the same large buffers chunk after chunk).
     Returns:

@@ -3,7 +3,7 @@
 The trainer strings ``train_one_epoch`` and ``validate`` together with EMA weights, a per-step LR schedule, β annealing,
 checkpoints (``last.pth`` every epoch, ``best_model.pth`` by validation negative ELBO), sample
 grids and a metrics file, all under ``<checkpoint_dir>/<experiment_name>/``. It knows nothing of
-trackers or orchestrators: they observe and stop training through :class:`Callback`.
+trackers or orchestrators: they observe and stop training through :class:`vae.callbacks.Callback`.
 
 Command line: ``python -m vae.train --experiment_name my_vae --num_epochs 10`` (every config key
 is a flag; ``--preset``, ``--resume``, ``--overwrite``).
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,6 +29,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from vae import fast, settings
+from vae.callbacks import Callback, stop_on_signals
 from vae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae.cli import run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
@@ -55,22 +53,6 @@ RESUMABLE_OVERRIDES = frozenset({"num_epochs", "progress", "device", "log_every"
 
 class RunExistsError(UserError, RuntimeError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-class Callback:
-    """Hooks for code outside the library (trackers, tuners). Override what you need.
-
-    A callback stops training by calling ``trainer.request_stop(reason)``: the trainer finishes
-    the current step, saves ``last.pth`` and returns. Exceptions raised in a hook propagate.
-    """
-
-    def on_train_start(self, trainer: "VAETrainer") -> None: ...
-
-    def on_epoch_end(self, trainer: "VAETrainer", epoch: int, metrics: dict[str, float]) -> None: ...
-
-    def on_checkpoint(self, trainer: "VAETrainer", path: Path, kind: str) -> None: ...
-
-    def on_train_end(self, trainer: "VAETrainer", result: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -136,7 +118,7 @@ class VAETrainer:
         loop = self._build(state)
         for cb in self.callbacks:
             cb.on_train_start(self)
-        with self._signal_handlers(), fast.retained_heap(self.cfg.run.fast and self.cfg.run.retain_memory):
+        with stop_on_signals(self), fast.retained_heap(self.cfg.run.fast and self.cfg.run.retain_memory):
             status = self._run_epochs(loop)
         result = {
             "status": status, "stop_reason": self.stop_reason, "run_dir": str(self.run_dir),
@@ -309,25 +291,6 @@ class VAETrainer:
         path = self.run_dir / "samples" / f"epoch_{epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(model.decode(z).float().cpu(), path, nrow=8)
-
-    @contextmanager
-    def _signal_handlers(self):
-        """SIGINT/SIGTERM: finish the step, save, return. A second Ctrl-C interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, _frame):
-            if self.stop_reason is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.stop_reason = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def _with_env_fast_dev_run(cfg: Config) -> Config:
