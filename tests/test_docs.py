@@ -7,7 +7,8 @@
   activated: no code line starts with a bare ``python``, ``pip``, ``pytest``, ``prefect``,
   ``mlflow``, ``optuna-dashboard`` or console script; they go through ``make`` or ``.venv/bin/``.
 - README.md lists every make target that has a help text and every console script's module, and
-  stays under 150 lines; docs/configuration.md lists every variable vae/settings.py reads.
+  stays under 150 lines; docs/configuration.md lists every variable vae/settings.py reads, and
+  docs/library.md every form of the fast path (vae.fast.FORMS and the heap).
 (The code blocks themselves run in tests/vae/test_readme_snippets.py.)
 """
 
@@ -134,3 +135,12 @@ def test_configuration_page_lists_every_vae_variable():
     documented = set(re.findall(r"^``(VAE_\w+)``", settings.__doc__, re.MULTILINE))
     table = set(re.findall(r"^\| `(VAE_\w+)` \|", (REPO / "docs" / "configuration.md").read_text(), re.MULTILINE))
     assert documented and table == documented
+
+
+def test_library_page_shows_every_form_of_the_fast_path():
+    from vae import fast
+
+    text = (REPO / "docs" / "library.md").read_text()
+    section = text[text.index("\n## The fast path\n"):]
+    rows = re.findall(r"^\| `(\w+)` \|", section[:section.index("\n## ", 1)], re.MULTILINE)
+    assert rows == [*fast.FORMS, "heap"]
