@@ -53,7 +53,7 @@ bench: install $(VENV)/.bench-installed  ## run every benchmark script in benchm
 clean:  ## remove run outputs (keeps mlruns/ and .venv)
 	rm -rf checkpoints samples outputs
 
-# The local deployment loop (README, "Pipelines"): `make server` in one terminal, then
+# The local deployment loop (docs/pipelines.md, "Deployments"): `make server` in one terminal, then
 # `make pool deploy`, `make worker` in another, then `make run-deployment` (EPOCHS=2).
 # They talk to $$PREFECT_API_URL when set (e.g. the stack's), else the server `make server` starts.
 PREFECT_PORT ?= 4200

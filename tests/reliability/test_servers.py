@@ -24,7 +24,8 @@ def _server_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if SERVER_COMMAND.search(ln) and not ln.lstrip().startswith("#")]
 
 
-@pytest.mark.parametrize("name", ["Makefile", "scripts/stack.sh", "README.md"])
+@pytest.mark.parametrize("name", ["Makefile", "scripts/stack.sh", "README.md",
+                                  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
 def test_every_server_command_binds_loopback(name):
     path = ROOT / name
     if not path.is_file():

@@ -1,19 +1,21 @@
-"""Every code block of the seed README (../shared/seed/vae-README.md) and of vae/README.md runs as written,
-and so does every python block of the `library` section of README.md.
+"""Every code block of the seed README (../shared/seed/vae-README.md), of vae/README.md and of the
+pages a newcomer runs from (docs/library.md, docs/evaluation.md) runs as written.
 
 How a block runs:
 - In a fresh temporary working directory, with ``VAE_FAST_DEV_RUN=2`` (any training is one epoch of
   two batches: the config key ``fast_dev_run``) and ``VAE_DATA_DIR`` pointing at a tiny MNIST with
   5,200 training images, so the presets' default 5,000-image validation split fits.
 - ```` ```python ```` blocks: executed one by one, each in a new namespace that pre-provides ``torch`` and,
-  for the loss snippets, tensors ``recon_x`` and ``x`` (8 images, values in (0, 1)), ``mu``,
+  for the seed's loss snippets, tensors ``recon_x`` and ``x`` (8 images, values in (0, 1)), ``mu``,
   ``log_var`` and ``z`` (8 x 16). The placeholder ``path/to/model.pth`` is replaced by the path of a
   real trained checkpoint; nothing else is changed.
-- ```` ```bash ```` blocks: all blocks of one README run in order in one working directory, through
-  ``bash -e``, with ``python`` on PATH being this interpreter (and ``OMP_NUM_THREADS=1``). For the
-  seed README (``python vae/train.py``) the working directory holds a copy of ``vae/``, as a
-  checkout's root does; for vae/README.md (``python -m vae.train``) ``PYTHONPATH`` holds the
-  repository root, as ``pip install -e .`` would.
+- ```` ```bash ```` blocks: all blocks of one page run in order in one working directory, through
+  ``bash -e``, with ``OMP_NUM_THREADS=1``. For the seed README (``python vae/train.py``) ``python`` on
+  PATH is this interpreter and the working directory holds a copy of ``vae/``, as a checkout's root
+  does. The docs pages use ``.venv/bin/python`` as a fresh shell in the checkout would: the working
+  directory holds a ``.venv/bin/python`` that runs this interpreter, and ``PYTHONPATH`` holds the
+  repository root, as ``make install`` (``pip install -e .``) would. ``path/to/model.pth`` is replaced
+  as in python blocks.
 """
 
 from __future__ import annotations
@@ -31,33 +33,32 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SEED_README = REPO.parent / "shared" / "seed" / "vae-README.md"
 VAE_README = REPO / "vae" / "README.md"
-MAIN_README = REPO / "README.md"  # only the python blocks of its `library` section
+LIBRARY = REPO / "docs" / "library.md"  # holds the table of config keys
+EVALUATION = REPO / "docs" / "evaluation.md"
+DOC_PAGES = (VAE_README, LIBRARY, EVALUATION)  # pages whose commands run as `.venv/bin/python ...`
 PLACEHOLDER = "path/to/model.pth"
 _BLOCK = re.compile(r"^```(\w+)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
-def _blocks(readme: Path, lang: str, section: str | None = None) -> list[tuple[int, str]]:
-    """(first line number, code) of each ```lang block, only between a section's markers if given."""
-    if not readme.is_file():
+def _blocks(page: Path, lang: str) -> list[tuple[int, str]]:
+    """(first line number, code) of each ```lang block of a page."""
+    if not page.is_file():
         return []
-    text = readme.read_text()
-    start, end = 0, len(text)
-    if section is not None:
-        start = text.index(f"<!-- section:{section} -->")
-        end = text.index(f"<!-- /section:{section} -->")
-    return [(text.count("\n", 0, m.start()) + 2, m.group(2)) for m in _BLOCK.finditer(text, start, end)
-            if m.group(1) == lang]
+    text = page.read_text()
+    return [(text.count("\n", 0, m.start()) + 2, m.group(2)) for m in _BLOCK.finditer(text) if m.group(1) == lang]
+
+
+def _is_slow(code: str) -> bool:
+    """Blocks that train a model, or evaluate one (the FID trains the digit classifier on first use)."""
+    return any(word in code for word in (".train()", "train_vae_example(", "train_one_epoch(", "evaluate("))
 
 
 def _python_cases():
     cases = []
-    for line, code in _blocks(MAIN_README, "python", section="library"):
-        cases.append(pytest.param(MAIN_README, code, id=f"README.md#library:{line}", marks=[pytest.mark.slow]))
-    for readme in (SEED_README, VAE_README):
-        for line, code in _blocks(readme, "python"):
-            trains = any(word in code for word in (".train()", "train_vae_example("))
-            marks = [pytest.mark.slow] if trains else []
-            cases.append(pytest.param(readme, code, id=f"{readme.name}:{line}", marks=marks))
+    for page in (SEED_README, *DOC_PAGES):
+        for line, code in _blocks(page, "python"):
+            marks = [pytest.mark.slow] if _is_slow(code) else []
+            cases.append(pytest.param(page, code, id=f"{page.parent.name}/{page.name}:{line}", marks=marks))
     if not cases:
         cases.append(pytest.param(None, "", id="no-readme", marks=pytest.mark.skip(reason="no README found")))
     return cases
@@ -118,22 +119,36 @@ def test_seed_readme_cli_blocks_run_as_written(snippet_env):
     assert (snippet_env / "samples" / "samples.png").is_file()
 
 
+def _checkout_venv(cwd: Path) -> None:
+    """``cwd/.venv/bin/python``: this interpreter, as ``make install`` leaves it in a checkout."""
+    python = cwd / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+
+
 @pytest.mark.slow
-def test_vae_readme_cli_blocks_run_as_written(snippet_env):
-    blocks = _blocks(VAE_README, "bash")
-    if not blocks:
-        pytest.skip(f"{VAE_README} is absent or has no bash blocks")
+@pytest.mark.parametrize("page", [p for p in DOC_PAGES if _blocks(p, "bash")], ids=lambda p: str(p.relative_to(REPO)))
+def test_doc_page_bash_blocks_run_as_written(page, snippet_env, trained_checkpoint):
+    _checkout_venv(snippet_env)
+    blocks = [(line, code.replace(PLACEHOLDER, str(trained_checkpoint))) for line, code in _blocks(page, "bash")]
     _run_bash_blocks(blocks, snippet_env, {"PYTHONPATH": str(REPO)})
-    assert list(snippet_env.glob("checkpoints/*/best_model.pth"))
+    if page == LIBRARY:  # it trains my_vae, then samples from it
+        assert (snippet_env / "checkpoints" / "my_vae" / "best_model.pth").is_file()
+        assert (snippet_env / "samples" / "my_vae" / "samples.png").is_file()
+    if page == EVALUATION:
+        assert (snippet_env / "outputs" / "eval" / "metrics.json").is_file()
 
 
-def test_vae_readme_lists_every_config_key_with_its_default(monkeypatch):
+def test_library_page_lists_every_config_key_with_its_default(monkeypatch):
     from vae.config import get_default_config
 
     monkeypatch.delenv("VAE_DATA_DIR", raising=False)
-    text = VAE_README.read_text()
-    section = text[text.index("## Configuration"):text.index("## Training")]
-    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.MULTILINE)
+    text = LIBRARY.read_text()
+    start = text.index("\n## Configuration\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    key_tables = [t for t in section.split("\n\n") if t.startswith("| key | default |")]
+    rows = [row for t in key_tables for row in re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", t, re.MULTILINE)]
     documented = dict(rows)
 
     def shown(value):
@@ -141,4 +156,5 @@ def test_vae_readme_lists_every_config_key_with_its_default(monkeypatch):
             return " ".join(map(str, value))
         return repr(value) if isinstance(value, str) else str(value)
 
+    assert len(rows) == len(documented), "a key is listed twice"
     assert documented == {key: shown(value) for key, value in get_default_config().items()}
