@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ def loop(tmp_path_factory, module_store):
     """Server, pool, the three deployments and one worker; all stopped afterwards."""
     tmp = tmp_path_factory.mktemp("deploy-loop")
     env = {"VAE_MLRUNS_DIR": str(module_store), "VAE_CACHE_DIR": str(tmp / "cache"),
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+           "VAE_OPTUNA_DIR": str(tmp / "optuna"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     with LocalLoop(tmp / "prefect-home", env) as loop:
         loop.start_server()
         loop.create_pool()
@@ -64,3 +65,31 @@ def test_unknown_parameter_is_refused_when_the_run_is_requested(loop):
     refused = loop.cli("deployment", "run", "vae-training/vae-train", "--param", "latnet_dim=3")
     assert refused.returncode != 0
     assert "latnet_dim" in refused.stdout + refused.stderr
+
+
+def test_deployments_carry_the_flows_generated_parameters(loop):
+    from pipelines.training import vae_training
+    from tuning.flow import vae_sweep
+
+    for flow, name in ((vae_sweep, "vae-sweep/vae-sweep"), (vae_training, "vae-training/vae-train")):
+        schema = loop.deployment(*name.split("/"))["parameter_openapi_schema"]
+        assert schema["properties"] == flow.parameters.model_dump(mode="json")["properties"], name
+    assert {"hidden_dims", "fast", "eval_max_train_images"} <= set(schema["properties"])
+
+
+def test_sweep_deployment_run_with_a_param_completes(loop, tiny_data_dir):
+    import optuna
+
+    fixed = {k: v for k, v in TINY.items() if k not in ("latent_dim", "learning_rate", "sample_every", "progress")}
+    params = {"study_name": "deploy-sweep", "latent_dims": [2, 4], "threads": 1, "pruner": "none", "plots": False,
+              "fixed": {**fixed, "num_epochs": 1, "data_dir": str(tiny_data_dir)}}
+    started = loop.cli("deployment", "run", "vae-sweep/vae-sweep", "--param", "n_trials=2",
+                       "--params", json.dumps(params))
+    assert started.returncode == 0, started.stdout + started.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    run = loop.wait_for(flow_run_id, ("COMPLETED",), timeout=400)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{loop.log('worker')[-4000:]}"
+    assert run["parameters"]["n_trials"] == 2
+    storage = f"sqlite:///{Path(loop.env['VAE_OPTUNA_DIR']) / 'studies.db'}"
+    trials = optuna.load_study(study_name="deploy-sweep", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
