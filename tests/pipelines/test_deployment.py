@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import optuna
 import pytest
 
 import tracking
@@ -30,17 +31,23 @@ def loop(tmp_path_factory, module_store):
         yield loop
 
 
-def test_deployment_run_completes_and_its_mlflow_run_appears(loop, tiny_data_dir, tmp_path, module_client):
-    overrides = {**TINY, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(tmp_path / "checkpoints"),
-                 "experiment_name": "tiny-deployment"}
-    params = {"overrides": overrides, **FAST_EVAL, "figures": False}
-    started = loop.cli("deployment", "run", "vae-training/vae-train", "--param", "num_epochs=1",
-                       "--params", json.dumps(params))
+def run_deployment(loop, name: str, *args: str) -> dict:
+    """``prefect deployment run NAME ARGS...`` on the loop's worker; the flow run, once Completed."""
+    started = loop.cli("deployment", "run", name, *args)
     assert started.returncode == 0, started.stdout + started.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     run = loop.wait_for(flow_run_id, ("COMPLETED",), timeout=400)
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{loop.log('worker')[-4000:]}"
+    return run
+
+
+def test_deployment_run_completes_and_its_mlflow_run_appears(loop, tiny_data_dir, tmp_path, module_client):
+    overrides = {**TINY, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(tmp_path / "checkpoints"),
+                 "experiment_name": "tiny-deployment"}
+    params = {"overrides": overrides, **FAST_EVAL, "figures": False}
+    run = run_deployment(loop, "vae-training/vae-train", "--param", "num_epochs=1", "--params", json.dumps(params))
     assert run["parameters"]["num_epochs"] == 1
+    flow_run_id = run["id"]
 
     exp = module_client.get_experiment_by_name("tiny-deployment")
     (mlflow_run,) = module_client.search_runs([exp.experiment_id],
@@ -78,17 +85,10 @@ def test_deployments_carry_the_flows_generated_parameters(loop):
 
 
 def test_sweep_deployment_run_with_a_param_completes(loop, tiny_data_dir):
-    import optuna
-
     fixed = {k: v for k, v in TINY.items() if k not in ("latent_dim", "learning_rate", "sample_every", "progress")}
     params = {"study_name": "deploy-sweep", "latent_dims": [2, 4], "threads": 1, "pruner": "none", "plots": False,
               "fixed": {**fixed, "num_epochs": 1, "data_dir": str(tiny_data_dir)}}
-    started = loop.cli("deployment", "run", "vae-sweep/vae-sweep", "--param", "n_trials=2",
-                       "--params", json.dumps(params))
-    assert started.returncode == 0, started.stdout + started.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
-    run = loop.wait_for(flow_run_id, ("COMPLETED",), timeout=400)
-    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{loop.log('worker')[-4000:]}"
+    run = run_deployment(loop, "vae-sweep/vae-sweep", "--param", "n_trials=2", "--params", json.dumps(params))
     assert run["parameters"]["n_trials"] == 2
     storage = f"sqlite:///{Path(loop.env['VAE_OPTUNA_DIR']) / 'studies.db'}"
     trials = optuna.load_study(study_name="deploy-sweep", storage=storage).trials
