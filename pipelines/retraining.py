@@ -137,8 +137,8 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
         study_name: the Optuna study for 'best_trial' (default: the newest).
         overrides: config keys changed from the base config (e.g. ``{"num_epochs": 20}``).
         iw_k, eval_max_images, eval_max_train_images, eval_probe, eval_fid, figures: as in
-            ``vae-training``; the score is
-            ``test/iw_nll_k{iw_k}`` of both models on the same test images.
+            ``vae-training``; the score is ``test/iw_nll_k{iw_k}`` of both models on the same test
+            images.
     Returns:
         decision, reason, both versions and scores, and the challenger's run id.
     """
