@@ -16,6 +16,7 @@ import time
 
 import tracking
 from pipelines.training import vae_training
+from vae.cli import run_cli
 
 DEMO = {"preset": "small", "iw_k": 1000, "eval_max_images": 500}
 
@@ -42,6 +43,4 @@ Compare runs: python -m pipelines.compare --experiment {out['config']['experimen
 
 
 if __name__ == "__main__":
-    from vae.cli import run_cli
-
-    sys.exit(run_cli(lambda argv: main(), None, extra_errors=(tracking.TrackingUnavailableError,)))
+    sys.exit(run_cli(lambda argv: main(), None))

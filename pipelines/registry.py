@@ -4,69 +4,80 @@ Format: a pyfunc "model from code" (:mod:`pipelines.vae_pyfunc`) with the traine
 as its artifact and the flat config as its ``model_config``, not ``mlflow.pytorch``. That
 flavour's default ``pt2`` format fails on the VAE's tuple-returning forward and loads back as a
 ``GraphModule`` without ``encode``/``decode``; its ``pickle`` format loads the class, but
-unpickling runs code. The checkpoint is a plain dict of tensors that :func:`vae.utils.load_model`
-reads with ``weights_only=True``, and :func:`load_vae` gives back a real :class:`vae.model.VAE`.
+unpickling runs code. The checkpoint is a plain dict of tensors that
+:func:`vae.checkpoint.load_model` reads with ``weights_only=True``, and :func:`load_vae` gives
+back a real :class:`vae.model.VAE`.
+
+Every call goes through the given ``MlflowClient`` and its store: the model is saved into a
+temporary folder and uploaded as a logged model of the run, then registered; loading downloads
+a version's files and loads them from disk. Nothing touches MLflow's process-wide tracking or
+registry URI (or ``MLFLOW_TRACKING_URI``), which the fluent ``log_model``/``load_model``
+(``models:/`` URIs) read, so Prefect tasks in worker threads can log and load at once. A user
+whose ``MLFLOW_TRACKING_URI`` points at the store can still
+``mlflow.pyfunc.load_model("models:/vae-mnist@champion")``.
 
 Versions are never deleted; the aliases ``champion`` and ``challenger`` point at them.
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import mlflow
 import numpy as np
+import torch
+import torchvision
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 import tracking
+from vae.checkpoint import load_model
 
 PYFUNC_CODE = Path(__file__).with_name("vae_pyfunc.py")
 MODEL_ARTIFACT = "model"
 
 
-@contextmanager
-def _fluent_store(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (``log_model`` has no client form) at ``uri`` for a block.
-
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``; the variable is put back.
-    """
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 def _pip_requirements() -> list[str]:
-    import torch
-    import torchvision
-
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
 
 
 def _signature_and_example(checkpoint: str | Path) -> tuple[Any, np.ndarray]:
     """Two blank images in, their reconstructions out; ``output`` as an inference parameter."""
-    import torch
-
-    from vae.utils import load_model
-
     model, _ = load_model(checkpoint, "cpu")
     example = np.zeros((2, model.in_channels, model.image_size, model.image_size), dtype=np.float32)
     with torch.no_grad():
         output = model.decode(model.encode(torch.from_numpy(example))[0]).numpy()
     return infer_signature(example, output, params={"output": "reconstruction"}), example
+
+
+def _log_model(client: MlflowClient, run_id: str, checkpoint: str | Path, config: Mapping[str, Any]) -> Any:
+    """Save the pyfunc model into a temporary folder and upload it as a logged model of the run
+    (named ``model``, its output); returns the READY logged model."""
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
+                                        params=dict(run.data.params))
+    signature, example = _signature_and_example(checkpoint)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                         model_id=logged.model_id)
+            mlflow.pyfunc.save_model(
+                Path(tmp) / MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
+                model_config=dict(config), signature=signature, input_example=example,
+                pip_requirements=_pip_requirements(), mlflow_model=meta)
+            client.log_model_artifacts(logged.model_id, str(Path(tmp) / MODEL_ARTIFACT))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
 def log_and_register(client: MlflowClient, run_id: str, checkpoint: str | Path, config: Mapping[str, Any],
@@ -77,13 +88,15 @@ def log_and_register(client: MlflowClient, run_id: str, checkpoint: str | Path, 
     Returns:
         The new model version (the registry's, with ``tags`` set on it).
     """
-    signature, example = _signature_and_example(checkpoint)
-    with _fluent_store(client.tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
-            model_config=dict(config), signature=signature, input_example=example,
-            pip_requirements=_pip_requirements())
-        version = mlflow.register_model(info.model_uri, tracking.MODEL_NAME, tags=dict(tags or {}))
+    logged = _log_model(client, run_id, checkpoint, config)
+    try:
+        client.create_registered_model(tracking.MODEL_NAME)
+    except MlflowException as e:  # registered by an earlier run (or another process just now)
+        if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    # The source is the files' location: a models:/<id> source is resolved through the global URI.
+    version = client.create_model_version(tracking.MODEL_NAME, source=logged.artifact_location, run_id=run_id,
+                                          tags=dict(tags or {}), model_id=logged.model_id)
     if alias:
         client.set_registered_model_alias(tracking.MODEL_NAME, alias, version.version)
     return client.get_model_version(tracking.MODEL_NAME, version.version)
@@ -107,11 +120,31 @@ def model_uri(version: ModelVersion | str | int) -> str:
     return f"models:/{tracking.MODEL_NAME}/{number}"
 
 
+def version_from_uri(client: MlflowClient, uri: str) -> ModelVersion:
+    """The version a ``models:/vae-mnist/<version>`` or ``models:/vae-mnist@<alias>`` URI names,
+    looked up in ``client``'s registry."""
+    name_and_rest = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    name, at, alias = name_and_rest.partition("@")
+    if at:
+        return client.get_model_version_by_alias(name, alias)
+    name, slash, number = name_and_rest.partition("/")
+    if not (slash and number.isdigit()):
+        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return client.get_model_version(name, number)
+
+
+def _download(client: MlflowClient, version: ModelVersion, dst: str, path: str = "") -> str:
+    """Download a version's model files (or one of them) from ``client``'s store into ``dst``."""
+    root = client.get_model_version_download_uri(version.name, version.version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=f"{root.rstrip('/')}/{path}" if path else root,
+                                               dst_path=dst, tracking_uri=client.tracking_uri)
+
+
 def load_pyfunc(uri: str, client: MlflowClient | None = None):
     """The registered model as a pyfunc (``predict`` on images), from the pipeline's store."""
     client = client or tracking.get_client()
-    with _fluent_store(client.tracking_uri):
-        return mlflow.pyfunc.load_model(uri)
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint is read into memory while loading
+        return mlflow.pyfunc.load_model(_download(client, version_from_uri(client, uri), tmp))
 
 
 def load_vae(uri: str, client: MlflowClient | None = None):
@@ -121,10 +154,8 @@ def load_vae(uri: str, client: MlflowClient | None = None):
 
 def version_config(client: MlflowClient, version: ModelVersion) -> dict[str, Any]:
     """The flat training config a version was logged with (its ``model_config``)."""
-    from mlflow.models import Model
-
-    with _fluent_store(client.tracking_uri):
-        meta = Model.load(model_uri(version))
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = Model.load(_download(client, version, tmp, "MLmodel"))
     config = meta.flavors.get("python_function", {}).get("config") or getattr(meta, "model_config", None)
     if not config:
         raise ValueError(f"{model_uri(version)} carries no training config")

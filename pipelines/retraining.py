@@ -13,17 +13,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from typing import Any, Literal
 
+import optuna
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import tracking
 from pipelines import registry, tasks
-from pipelines.training import DEFAULT_IW_K, build_config, check_eval_options, vae_training
+from pipelines.training import DEFAULT_IW_K, add_eval_arguments, build_config, check_eval_options, vae_training
+from tuning.options import default_storage
+from tuning.study import best_config, best_config_path
+from vae.cli import run_cli
 from vae.config import ConfigError, validate_config
 
 COMPARABLE_KEYS = ("reconstruction_loss_type", "binarize", "dataset")  # a bound means the same only if equal
@@ -31,10 +37,6 @@ COMPARABLE_KEYS = ("reconstruction_loss_type", "binarize", "dataset")  # a bound
 
 def newest_study() -> str:
     """The most recently started study in the tuning storage (``tuning.options.default_storage``)."""
-    import optuna
-
-    from tuning.options import default_storage
-
     summaries = optuna.get_all_study_summaries(storage=default_storage())
     started = [s for s in summaries if s.datetime_start is not None]
     if not started:
@@ -45,8 +47,6 @@ def newest_study() -> str:
 def best_trial_config(study_name: str | None) -> dict[str, Any]:
     """The flat config of a study's best trial: its ``best_config.json`` (written by the sweep),
     else read from the study storage."""
-    from tuning.study import best_config, best_config_path
-
     study_name = study_name or newest_study()
     path = best_config_path(study_name)
     if path.is_file():
@@ -75,11 +75,13 @@ def score_champion(data_ref: dict[str, Any], challenger_config: dict[str, Any], 
         return None
     config = registry.version_config(client, champion)
     differs = [k for k in COMPARABLE_KEYS if config.get(k) != challenger_config.get(k)]
-    model = registry.load_vae(registry.model_uri(champion), client)
-    cfg = validate_config({**config, "seed": challenger_config["seed"], "device": "cpu"})
-    key = tasks.score_key(iw_k)
-    score = None if differs else tasks._evaluate(model, tasks.load_data(data_ref), cfg, iw_k, eval_max_images,
-                                                 probe=False, fid=False)[key]
+    score = None
+    if not differs:
+        model = registry.load_vae(registry.model_uri(champion), client)
+        cfg = validate_config({**config, "seed": challenger_config["seed"], "device": "cpu"})
+        metrics = tasks.evaluate_model(model, tasks.load_data(data_ref), cfg, k=iw_k, max_test_images=eval_max_images,
+                                       probe=False, fid=False)
+        score = metrics[tasks.score_key(iw_k)]
     return {"version": str(champion.version), "score": score, "not_comparable": differs}
 
 
@@ -126,16 +128,17 @@ def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote
 @flow(name="vae-retraining", log_prints=True)
 def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study_name: str | None = None,
                    preset: str = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
-                   eval_max_images: int = 0, eval_probe: bool = True, eval_fid: bool = True,
-                   figures: bool = True) -> dict[str, Any]:
+                   eval_max_images: int = 0, eval_max_train_images: int = 0, eval_probe: bool = True,
+                   eval_fid: bool = True, figures: bool = True) -> dict[str, Any]:
     """Retrain from the champion's (or the best trial's) config; promote only a better model.
 
     Args:
         source: 'champion' (its config; ``preset`` when there is no champion) or 'best_trial'.
         study_name: the Optuna study for 'best_trial' (default: the newest).
         overrides: config keys changed from the base config (e.g. ``{"num_epochs": 20}``).
-        iw_k, eval_max_images, eval_probe, eval_fid, figures: as in ``vae-training``; the score is
-            ``test/iw_nll_k{iw_k}`` of both models on the same test images.
+        iw_k, eval_max_images, eval_max_train_images, eval_probe, eval_fid, figures: as in
+            ``vae-training``; the score is ``test/iw_nll_k{iw_k}`` of both models on the same test
+            images.
     Returns:
         decision, reason, both versions and scores, and the challenger's run id.
     """
@@ -143,12 +146,13 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
         raise ConfigError([f"source: must be 'champion' or 'best_trial', got {source!r}"])
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError([f"overrides: must be a mapping of config keys to values, got {overrides!r}"])
-    check_eval_options(iw_k, eval_max_images)
+    check_eval_options(iw_k, eval_max_images, eval_max_train_images)
     base, origin = base_config(source, study_name, preset)
     config = validate_config({**base, **(overrides or {})}).to_dict()
     print(f"retraining from the {origin}")
     run = vae_training(preset=preset, overrides=config, iw_k=iw_k, eval_max_images=eval_max_images,
-                       eval_probe=eval_probe, eval_fid=eval_fid, figures=figures, run_kind="retraining")
+                       eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
+                       figures=figures, run_kind="retraining")
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
     champion = score_champion(data_ref, config, iw_k, eval_max_images)
     promote, reason = decide(run["metrics"][run["score_key"]], champion, run["score_key"])
@@ -156,15 +160,12 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     return {**apply_decision(run, champion, promote, reason), "run_id": run["run_id"], "source": origin}
 
 
-def build_parser():
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.retraining", description="Run the vae-retraining flow once.")
     p.add_argument("--source", choices=("champion", "best_trial"), default="champion", help="base config (default: champion)")
     p.add_argument("--study_name", default=None, help="Optuna study for --source best_trial (default: the newest)")
     p.add_argument("--num_epochs", type=int, default=None, help="override the base config's epochs")
-    p.add_argument("--iw_k", type=int, default=DEFAULT_IW_K, help="importance samples of the test IW bound")
-    p.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N test images (0 = all)")
+    add_eval_arguments(p)
     return p
 
 
@@ -173,16 +174,11 @@ def _main(argv=None) -> int:
     overrides = {"num_epochs": args.num_epochs} if args.num_epochs is not None else None
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
-                         eval_max_images=args.eval_max_images)
+                         eval_max_images=args.eval_max_images, eval_max_train_images=args.eval_max_train_images)
     print(json.dumps({k: out[k] for k in ("decision", "reason", "challenger_version", "champion_version",
                                           "challenger_score", "champion_score", "run_id")}, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    from tracking import TrackingUnavailableError
-    from vae.cli import run_cli
-
-    sys.exit(run_cli(_main, extra_errors=(TrackingUnavailableError,)))
+    sys.exit(run_cli(_main))

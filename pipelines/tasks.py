@@ -4,7 +4,8 @@
   its result is cached by the input digest (:func:`data_cache_key`).
 - ``start_run`` / ``finish_run``: the MLflow run (params, tags, dataset input) around the rest.
 - ``train``: :class:`vae.train.VAETrainer` with :class:`tracking.MLflowCallback`.
-- ``evaluate``: :func:`vae.evaluate.evaluate` on the test set; metrics to the run.
+- ``evaluate``: :func:`evaluate_model` (:func:`vae.evaluate.evaluate` under the run's config, on
+  the fast path when the config's ``fast`` is on) on the test set; metrics to the run.
 - ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``.
 - ``summary``: a Prefect markdown artifact summarising the run (metrics table, MLflow link).
 - ``register``: :func:`pipelines.registry.log_and_register`.
@@ -16,7 +17,6 @@ All MLflow calls go through ``MlflowClient`` with the run id (tasks run in worke
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,19 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
 import tracking
 from pipelines import registry
-from vae import settings
-from vae.config import validate_config
+from vae import fast, settings
+from vae.checkpoint import load_model
+from vae.config import Config, flatten_params, validate_config
 from vae.data import FILES, ImageData, load_dataset
+from vae.device import get_device
+from vae.evaluate import evaluate as vae_evaluate
+from vae.figures import write_figures
+from vae.files import atomic_write
 from vae.train import VAETrainer
-from vae.utils import get_device, load_model
 
 DATA_CACHE_VERSION = 1  # bump when the cached tensors' layout changes
 
@@ -82,12 +87,8 @@ def prepare_data(data_dir: str, dataset: str) -> dict[str, Any]:
     data = load_dataset(data_dir, dataset)
     path = _cache_root() / "tensors" / f"{dataset}-{data.digest[:16]}.pt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
-        torch.save({k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, tmp)
-        tmp.replace(path)
+        with atomic_write(path) as f:
+            torch.save({k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, f)
     return {"dataset": dataset, "data_dir": str(Path(data_dir).expanduser().resolve()), "digest": data.digest,
             "sha256": data.sha256, "tensors": str(path), "num_train": len(data.train_images),
             "num_test": len(data.test_images)}
@@ -106,8 +107,6 @@ def load_data(ref: dict[str, Any]) -> ImageData:
 @task(name="start-run", cache_policy=NO_CACHE, **RETRY)
 def start_run(config: dict[str, Any], data_ref: dict[str, Any], run_kind: str, flow_run_id: str | None) -> dict[str, str]:
     """Create the MLflow run: params ``section.key``, the standard tags, the dataset as input."""
-    from vae.config import flatten_params
-
     cfg = validate_config(config)
     client = tracking.get_client()
     exp_id = tracking.ensure_experiment(client, cfg.run.experiment_name)
@@ -143,21 +142,30 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
                                    "best_model_path", "final_metrics", "history")}
 
 
-def _evaluate(model, data: ImageData, cfg, k: int, max_test_images: int, probe: bool, fid: bool) -> dict[str, float]:
-    """The evaluation issue's metrics (``test/nelbo``, ``test/iw_nll_k{k}``, ...) of one model."""
-    from vae import evaluate as ev
+def on_fast_path(model: nn.Module, cfg: Config) -> nn.Module:
+    """``model`` with :func:`vae.fast.accelerate` applied when the config's ``fast`` is on (the
+    same function, computed faster); a plain model otherwise."""
+    return fast.accelerate(model, next(model.parameters()).device) if cfg.run.fast else model
 
-    loss_type, binarize, seed = cfg.loss.reconstruction_loss_type, cfg.data.binarize, cfg.run.seed
-    if hasattr(ev, "evaluate"):
-        return ev.evaluate(model, data, loss_type=loss_type, binarize=binarize, k=k, probe=probe, fid=fid,
-                           max_test_images=max_test_images, max_train_images=max_test_images, seed=seed)
-    from vae.data import ImageBatches, Split  # the library before vae.evaluate.evaluate existed
 
-    n = max_test_images or len(data.test_images)
-    batches = ImageBatches(Split(data.test_images[:n], data.test_labels[:n]), 500, shuffle=False,
-                           binarize=binarize, seed=seed)
-    return {"test/nelbo": ev.iw_nll(model, batches, 1, loss_type, seed),
-            f"test/iw_nll_k{k}": ev.iw_nll(model, batches, k, loss_type, seed)}
+def evaluate_model(model: nn.Module, data: ImageData, cfg: Config, *, k: int, max_test_images: int = 0,
+                   max_train_images: int = 0, probe: bool = True, fid: bool = True) -> dict[str, float]:
+    """The test metrics (``test/nelbo``, ``test/iw_nll_k{k}``, ...) of one model under a config.
+
+    The config gives the likelihood, the binarisation, the seed and the fast path (``fast``,
+    ``retain_memory``); the training run's own model and a champion scored again use this one
+    protocol.
+
+    Args:
+        k: importance samples of the IW bound.
+        max_test_images, max_train_images: evaluate on the first N test images, fit the probe on
+            the first N training images (0 = all).
+        probe, fid: compute the linear probe and the classifier FID.
+    """
+    return vae_evaluate(on_fast_path(model, cfg), data, loss_type=cfg.loss.reconstruction_loss_type,
+                        binarize=cfg.data.binarize, k=k, probe=probe, fid=fid, max_test_images=max_test_images,
+                        max_train_images=max_train_images, seed=cfg.run.seed,
+                        retain_memory=cfg.run.fast and cfg.run.retain_memory)
 
 
 def score_key(k: int) -> str:
@@ -167,28 +175,17 @@ def score_key(k: int) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE, **RETRY)
 def evaluate(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], run_id: str | None, *,
-             k: int, max_test_images: int = 0, probe: bool = True, fid: bool = True) -> dict[str, float]:
-    """Evaluate a checkpoint on the test set; log the metrics to ``run_id`` (None: log nothing)."""
+             k: int, max_test_images: int = 0, max_train_images: int = 0, probe: bool = True,
+             fid: bool = True) -> dict[str, float]:
+    """Evaluate a checkpoint on the test set (:func:`evaluate_model`); log the metrics to ``run_id``
+    (None: log nothing)."""
     cfg = validate_config(config)
     model, _ = load_model(model_path, get_device(cfg.run.device))
-    metrics = _evaluate(model, load_data(data_ref), cfg, k, max_test_images, probe, fid)
+    metrics = evaluate_model(model, load_data(data_ref), cfg, k=k, max_test_images=max_test_images,
+                             max_train_images=max_train_images, probe=probe, fid=fid)
     if run_id is not None:
         tracking.log_metrics(tracking.get_client(), run_id, metrics)
     return metrics
-
-
-def _write_figures(model, data: ImageData, history, out_dir: Path, cfg) -> dict[str, Path]:
-    try:
-        from vae.figures import write_figures
-    except ImportError:  # the library before vae.figures existed: prior samples only
-        from torchvision.utils import save_image
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.run.seed)
-        save_image(model.sample(64, generator=gen).cpu(), out_dir / "prior_samples.png", nrow=8)
-        return {"prior_samples": out_dir / "prior_samples.png"}
-    return write_figures(model, data, history, out_dir, loss_type=cfg.loss.reconstruction_loss_type,
-                         binarize=cfg.data.binarize, seed=cfg.run.seed)
 
 
 FIGURES_DIR = "figures"  # artifact folder: figures/<name>.png, the same in every run
@@ -201,7 +198,8 @@ def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], r
     cfg = validate_config(config)
     model, _ = load_model(model_path, get_device(cfg.run.device))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _write_figures(model, load_data(data_ref), history, Path(tmp), cfg)
+        paths = write_figures(on_fast_path(model, cfg), load_data(data_ref), history, tmp,
+                              loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize, seed=cfg.run.seed)
         tracking.get_client().log_artifacts(run_id, tmp, FIGURES_DIR)
     return {name: f"{FIGURES_DIR}/{Path(p).name}" for name, p in paths.items()}
 

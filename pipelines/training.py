@@ -1,9 +1,10 @@
 """The ``vae-training`` flow: prepare data -> train -> evaluate -> figures -> register.
 
-Parameters are config overrides over a preset (``vae.config.PRESETS``): the common ones by name
-(``num_epochs``, ``latent_dim``, ``beta``, ...), any other key in ``overrides``; a bad key or
-value fails the flow at once with every problem named. Evaluation options (``iw_k``, ...) are
-the flow's own. Everything lands in one MLflow run of the config's ``experiment_name``
+Parameters are config overrides over a preset (``vae.config.PRESETS``): every config key is a
+parameter of its own (``num_epochs``, ``latent_dim``, ``beta``, ...; None: the preset's value),
+generated from the fields of :mod:`vae.config` as the CLI's flags are; ``overrides`` takes any
+of them as one mapping. A bad key or value fails the flow at once with every problem named.
+Evaluation options (``iw_k``, ...) are the flow's own. Everything lands in one MLflow run of the config's ``experiment_name``
 (see :mod:`tracking`), and the model becomes a ``vae-mnist`` version aliased
 ``challenger``.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +26,14 @@ from prefect.runtime import flow_run
 
 import tracking
 from pipelines import tasks
-from vae.config import PRESETS, ConfigError, add_config_arguments, config_from_args, validate_config
+from vae.cli import dataclass_parameters, expand_kwargs, run_cli
+from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
 
-Preset = Literal["default", "small", "beta_vae", "disentangled", "benchmark"]
+Preset = Literal[tuple(sorted(PRESETS))]
 DEFAULT_IW_K = 1000
+# Every config key, as an optional flow parameter (None: the preset's value).
+CONFIG_PARAMETERS = [p for section in typing.get_type_hints(Config).values()
+                     for p in dataclass_parameters(section, optional=True)]
 
 
 def build_config(preset: str = "small", overrides: dict[str, Any] | None = None, **named: Any) -> dict[str, Any]:
@@ -44,20 +50,23 @@ def build_config(preset: str = "small", overrides: dict[str, Any] | None = None,
     return validate_config(raw).to_dict()
 
 
-def check_eval_options(iw_k: int, eval_max_images: int) -> None:
-    problems = []
-    if not isinstance(iw_k, int) or isinstance(iw_k, bool) or iw_k < 1:
-        problems.append(f"iw_k: must be an integer >= 1, got {iw_k!r}")
-    if not isinstance(eval_max_images, int) or isinstance(eval_max_images, bool) or eval_max_images < 0:
-        problems.append(f"eval_max_images: must be an integer >= 0 (0 = all), got {eval_max_images!r}")
+def check_eval_options(iw_k: int, eval_max_images: int, eval_max_train_images: int = 0) -> None:
+    """Raises ConfigError naming every bad evaluation option."""
+    def whole(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    problems = [] if whole(iw_k, 1) else [f"iw_k: must be an integer >= 1, got {iw_k!r}"]
+    problems += [f"{name}: must be an integer >= 0 (0 = all), got {value!r}" for name, value in
+                 (("eval_max_images", eval_max_images), ("eval_max_train_images", eval_max_train_images))
+                 if not whole(value, 0)]
     if problems:
         raise ConfigError(problems)
 
 
-def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_probe: bool, eval_fid: bool,
-                 write_figures: bool, register: bool, run_kind: str) -> dict[str, Any]:
+def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_max_train_images: int,
+                 eval_probe: bool, eval_fid: bool, write_figures: bool, register: bool,
+                 run_kind: str) -> dict[str, Any]:
     """The steps, in order, for a validated config; shared by the training and retraining flows."""
-    check_eval_options(iw_k, eval_max_images)
+    check_eval_options(iw_k, eval_max_images, eval_max_train_images)
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
     run = tasks.start_run(config, data_ref, run_kind, flow_run.get_id())
     # One run folder per MLflow run: the trainer refuses to overwrite another run's checkpoints.
@@ -67,7 +76,7 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         result = tasks.train(train_config, data_ref, run["run_id"])
         best = result["best_model_path"]
         metrics = tasks.evaluate(best, config, data_ref, run["run_id"], k=iw_k, max_test_images=eval_max_images,
-                                 probe=eval_probe, fid=eval_fid)
+                                 max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
         figures = tasks.figures(best, config, data_ref, run["run_id"], result["history"]) if write_figures else {}
         tasks.summary(run, config, metrics, figures)
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
@@ -82,41 +91,44 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
 
 
 @flow(name="vae-training", log_prints=True)
-def vae_training(preset: Preset = "small", num_epochs: int | None = None, latent_dim: int | None = None,
-                 beta: float | None = None, beta_end: float | None = None, loss_type: str | None = None,
-                 reconstruction_loss_type: str | None = None, learning_rate: float | None = None,
-                 batch_size: int | None = None, dataset: str | None = None, data_dir: str | None = None,
-                 max_train_samples: int | None = None, experiment_name: str | None = None,
-                 overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K, eval_max_images: int = 0,
-                 eval_probe: bool = True, eval_fid: bool = True, figures: bool = True,
-                 register_model: bool = True, run_kind: str = "training") -> dict[str, Any]:
+@expand_kwargs(*CONFIG_PARAMETERS)
+def vae_training(preset: Preset = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
+                 eval_max_images: int = 0, eval_max_train_images: int = 0, eval_probe: bool = True,
+                 eval_fid: bool = True, figures: bool = True, register_model: bool = True, run_kind: str = "training",
+                 **config: Any) -> dict[str, Any]:
     """Train, evaluate, log and register one VAE.
 
     Args:
         preset: the starting config (``small``: 3 epochs on a 10k-image subset).
-        num_epochs ... experiment_name: config keys (None: the preset's value).
-        overrides: any other config keys, e.g. ``{"hidden_dims": [16, 32], "seed": 1}``.
+        overrides: config keys as one mapping, e.g. ``{"hidden_dims": [16, 32], "seed": 1}``.
         iw_k: importance samples of the test IW bound ``test/iw_nll_k{iw_k}`` (the registry's score).
         eval_max_images: evaluate on the first N test images only (0 = all 10,000).
+        eval_max_train_images: fit the linear probe on the first N training images only (0 = all).
         eval_probe, eval_fid: compute the linear probe and the classifier FID.
         figures: write the figures (``figures/*.png`` in the run).
         register_model: log and register the model (``challenger``).
+        config: every config key (``num_epochs``, ``latent_dim``, ...; None: the preset's value),
+            applied over ``overrides``.
     Returns:
         run id, experiment id, model version, test metrics, figure paths, config.
     """
-    config = build_config(preset, overrides, num_epochs=num_epochs, latent_dim=latent_dim, beta=beta,
-                          beta_end=beta_end, loss_type=loss_type, reconstruction_loss_type=reconstruction_loss_type,
-                          learning_rate=learning_rate, batch_size=batch_size, dataset=dataset, data_dir=data_dir,
-                          max_train_samples=max_train_samples, experiment_name=experiment_name)
-    return run_training(config, iw_k=iw_k, eval_max_images=eval_max_images, eval_probe=eval_probe,
-                        eval_fid=eval_fid, write_figures=figures, register=register_model, run_kind=run_kind)
+    return run_training(build_config(preset, overrides, **config), iw_k=iw_k, eval_max_images=eval_max_images,
+                        eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
+                        write_figures=figures, register=register_model, run_kind=run_kind)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation flags of the pipelines' command lines (the flows' parameters of those names)."""
+    parser.add_argument("--iw_k", type=int, default=DEFAULT_IW_K, help="importance samples of the test IW bound")
+    parser.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N test images (0 = all)")
+    parser.add_argument("--eval_max_train_images", type=int, default=0,
+                        help="fit the linear probe on the first N training images (0 = all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-pipeline", description="Run the vae-training flow once.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="starting configuration")
-    parser.add_argument("--iw_k", type=int, default=DEFAULT_IW_K, help="importance samples of the test IW bound")
-    parser.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N test images (0 = all)")
+    add_eval_arguments(parser)
     parser.add_argument("--no_register", action="store_true", help="do not register the model")
     return add_config_arguments(parser)
 
@@ -124,18 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args, PRESETS[args.preset]()).to_dict()
-    check_eval_options(args.iw_k, args.eval_max_images)
+    check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_training(preset=args.preset, overrides=config, iw_k=args.iw_k, eval_max_images=args.eval_max_images,
-                       register_model=not args.no_register)
+                       eval_max_train_images=args.eval_max_train_images, register_model=not args.no_register)
     print(json.dumps({k: out[k] for k in ("run_id", "experiment_id", "model_version", "metrics")}, indent=2))
     return 0
 
 
 def cli(argv=None) -> None:
-    from vae.cli import run_cli
-
-    sys.exit(run_cli(_main, argv, extra_errors=(tracking.TrackingUnavailableError,)))
+    sys.exit(run_cli(_main, argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 MLflow stores this file with the model and runs it when the model is loaded; the weights travel
 as the trainer's checkpoint (a plain dict of tensors) and are read with ``weights_only=True``
-(:func:`vae.utils.load_model`), so loading a registered model never unpickles code. Needs the
+(:func:`vae.checkpoint.load_model`), so loading a registered model never unpickles code. Needs the
 ``vae`` package importable where the model is loaded (``pip install -e .``).
 
 ``predict`` takes images as a float32 array (N, 1, 28, 28) in [0, 1] and returns, per
@@ -24,7 +24,7 @@ class VAEPyfunc(PythonModel):
     """Loads ``artifacts['checkpoint']`` into a VAE on the CPU."""
 
     def load_context(self, context) -> None:
-        from vae.utils import load_model
+        from vae.checkpoint import load_model
 
         self.vae, _ = load_model(context.artifacts["checkpoint"], "cpu")
 

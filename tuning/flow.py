@@ -1,9 +1,10 @@
 """The ``vae-sweep`` Prefect flow: an Optuna study run as a flow, ending in a markdown artifact.
 
-Its parameters are the CLI's options (``python -m tuning --help``): the flow checks them first
-(bad input fails the flow before any trial), runs the sweep with the same :func:`run_sweep` the
-CLI calls, and publishes the best trial (or the Pareto front) with the MLflow link. Deployed by
-``prefect.yaml`` as ``tuning/flow.py:vae_sweep``.
+Its parameters are the user-facing fields of :class:`tuning.options.SweepOptions`, generated
+from them as the CLI's flags are (``python -m tuning --help``): the same names and defaults. The
+flow checks them first (bad input fails the flow before any trial), runs the sweep with the same
+:func:`run_sweep` the CLI calls, and publishes the best trial (or the Pareto front) with the
+MLflow link. Deployed by ``prefect.yaml`` as ``tuning/flow.py:vae_sweep``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuning.options import SweepOptions, make_options
 from tuning.sweep import run_sweep
+from vae.cli import dataclass_parameters, expand_kwargs
 
 __all__ = ["vae_sweep", "summary_markdown"]
 
@@ -35,23 +37,11 @@ def publish_summary(summary: dict[str, Any]) -> str:
 
 
 @flow(name="vae-sweep", log_prints=True)
-def vae_sweep(n_trials: int = 20, study_name: str = "vae-sweep", storage: str | None = None,
-              timeout: float | None = None, n_workers: int = 1, seed: int | None = 0, sampler: str | None = None,
-              pruner: str | None = None, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 0,
-              objective: str = "nelbo", iw_k: int = 5, multi_objective: bool = False, population_size: int = 20,
-              preset: str = "small", beta_range: list[float] | None = None, latent_dims: list[int] | None = None,
-              lr_range: list[float] | None = None, search: dict[str, str] | None = None,
-              fixed: dict[str, Any] | None = None, experiment_name: str | None = None, threads: int | None = None,
-              plots: bool = True) -> dict[str, Any]:
+@expand_kwargs(*dataclass_parameters(SweepOptions))
+def vae_sweep(**options: Any) -> dict[str, Any]:
     """Run ``n_trials`` more trials of a study (``fixed``: config keys for every trial, the CLI's
     ``--set``; ``search``: extra parameters, the CLI's ``--search``). Returns the sweep summary."""
-    opts = make_options(  # raises SweepError (a ValueError) on bad input, before any work
-        study_name=study_name, storage=storage, n_trials=n_trials, timeout=timeout, n_workers=n_workers,
-        seed=seed, sampler=sampler, pruner=pruner, pruner_startup_trials=pruner_startup_trials,
-        pruner_warmup_epochs=pruner_warmup_epochs, objective=objective, iw_k=iw_k,
-        multi_objective=multi_objective, population_size=population_size, preset=preset, beta_range=beta_range,
-        latent_dims=latent_dims, lr_range=lr_range, search=search, fixed=fixed, experiment_name=experiment_name,
-        threads=threads, plots=plots)
+    opts = make_options(**options)  # raises SweepError (a ValueError) on bad input, before any work
     summary = run_study(opts.to_json())
     publish_summary(summary)
     return summary

@@ -35,7 +35,7 @@ def start_parent_run(client: MlflowClient, opts: SweepOptions) -> tuple[str, str
     """Create the experiment (if new) and the sweep's parent run; returns (experiment id, run id)."""
     exp_id = tracking.ensure_experiment(client, opts.experiment_name)
     run = client.create_run(exp_id, run_name=f"{opts.study_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags={
-        tracking.TAG_RUN_KIND: "sweep", TAG_STUDY: opts.study_name, "optuna.storage": redact(opts.storage),
+        tracking.TAG_RUN_KIND: "sweep", TAG_STUDY: opts.study_name, "optuna.storage": redact(opts.storage_url),
         "optuna.sampler": opts.sampler, "optuna.pruner": opts.pruner, "optuna.metrics": ",".join(opts.metrics),
         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
     params = {"sweep.n_trials": opts.n_trials, "sweep.n_workers": opts.n_workers, "sweep.seed": opts.seed,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from vae.config import ConfigError, validate_config
+from vae.errors import UserError
 
 __all__ = ["ParamSpec", "SpaceError", "beta_key", "check_space", "default_space", "parse_spec", "suggest"]
 
@@ -28,7 +29,7 @@ DEFAULT_LATENT_DIMS = (8, 16, 32, 64, 128)
 DEFAULT_LR_RANGE = (1e-4, 3e-3)
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search space or fixed parameter is invalid; the message is one line for the user."""
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from vae.files import exclusive_file_lock
-from tuning.options import SweepError, SweepOptions, optuna_dir, redact
+from tuning.options import SweepError, SweepOptions, check_storage, default_storage, optuna_dir, redact
+from vae.files import exclusive_file_lock, write_atomic
 
 __all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
            "write_best_config", "trial_epochs", "ProgressPrinter", "STATE_NAMES"]
@@ -71,16 +71,16 @@ def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> 
         SweepError: the storage cannot be opened, or the stored study has other directions.
     """
     if create:
-        with _creation_lock(opts.storage):
+        with _creation_lock(opts.storage_url):
             return _open_study(opts, worker, create=True)
     return _open_study(opts, worker, create=False)
 
 
 def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Study:
     try:
-        storage = open_storage(opts.storage)
+        storage = open_storage(opts.storage_url)
     except Exception as e:  # noqa: BLE001 - any driver error becomes one line for the user
-        raise SweepError(f"--storage {redact(opts.storage)}: cannot open ({type(e).__name__}: "
+        raise SweepError(f"--storage {redact(opts.storage_url)}: cannot open ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     kwargs = dict(storage=storage, study_name=opts.study_name, sampler=make_sampler(opts, worker),
                   pruner=make_pruner(opts))
@@ -144,9 +144,7 @@ def best_config(study_name: str, storage: str | None = None, *, experiment_name:
     Raises:
         SweepError: the study has no completed trial, or is multi-objective (no single best).
     """
-    from tuning.options import _check_storage, default_storage
-
-    storage = _check_storage(storage or default_storage(), 1)
+    storage = check_storage(storage or default_storage())
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
@@ -167,12 +165,7 @@ def write_best_config(study_name: str, storage: str) -> Path | None:
         config = best_config(study_name, storage)
     except SweepError:
         return None
-    path = best_config_path(study_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(best_config_path(study_name), json.dumps(config, indent=2) + "\n")
 
 
 class ProgressPrinter:

@@ -53,7 +53,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     exp_id, parent = runs.start_parent_run(client, opts)
     runs.close_dead_parent_runs(client, exp_id, opts.study_name)  # sweeps killed outright on this machine
     link = tracking.run_link(client, exp_id, parent)
-    print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage)}; "
+    print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage_url)}; "
           f"{opts.n_trials} more on {opts.n_workers} worker(s); MLflow run {link}", flush=True)
     status = "FINISHED"
     try:
@@ -193,7 +193,7 @@ def _summarise(study: optuna.Study, opts: SweepOptions, started: dt.datetime, wa
     ours = [t for t in trials if t.datetime_start is not None and t.datetime_start >= started]
     counts = {name: sum(t.state == state for t in ours) for state, name in STATE_NAMES.items()}
     summary: dict[str, Any] = {
-        "study_name": opts.study_name, "storage": redact(opts.storage), "experiment_id": exp_id,
+        "study_name": opts.study_name, "storage": redact(opts.storage_url), "experiment_id": exp_id,
         "parent_run_id": parent, "mlflow_link": link, "metrics": list(opts.metrics), "counts": counts,
         "n_trials_run": len(ours), "n_trials_total": len(trials), "trial_epochs": trial_epochs(ours),
         "wall_s": round(wall_s, 2), "best": None, "pareto": None, "best_config_path": None,
@@ -203,7 +203,7 @@ def _summarise(study: optuna.Study, opts: SweepOptions, started: dt.datetime, wa
         b = study.best_trial
         summary["best"] = {"number": b.number, "value": b.value, "params": b.params,
                            "mlflow_run_id": b.user_attrs.get("mlflow_run_id")}
-        path = write_best_config(opts.study_name, opts.storage)
+        path = write_best_config(opts.study_name, opts.storage_url)
         summary["best_config_path"] = str(path) if path else None
     elif complete:
         summary["pareto"] = [{"number": t.number, "values": dict(zip(opts.metrics, t.values)), "params": t.params,

@@ -1,8 +1,10 @@
 """What the command lines share: flags generated from dataclass fields, and one-line errors.
 
 A dataclass field that carries a ``help`` text in its metadata becomes one flag
-(:func:`add_dataclass_arguments`), so a list of options is written once (the config sections
-of :mod:`vae.config`, the sweep options of ``tuning``) and the flags cannot drift from it.
+(:func:`add_dataclass_arguments`) and one keyword parameter (:func:`dataclass_parameters`, which
+:func:`expand_kwargs` writes into a function's signature, where Prefect reads a flow's
+parameters), so a list of options is written once (the config sections of :mod:`vae.config`,
+the sweep options of ``tuning``) and neither the flags nor the parameters can drift from it.
 :func:`run_cli` runs a command's body and turns a :class:`~vae.errors.UserError` into one line
 on stderr and exit code 2.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import types
 import typing
@@ -18,7 +21,8 @@ from typing import Any, Callable, Literal
 
 from vae.errors import UserError
 
-__all__ = ["add_dataclass_arguments", "given_arguments", "parse_bool", "run_cli"]
+__all__ = ["add_dataclass_arguments", "dataclass_parameters", "expand_kwargs", "given_arguments", "parse_bool",
+           "run_cli"]
 
 
 def run_cli(main: Callable[[Any], int | None], argv=None, extra_errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -112,10 +116,52 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
             for key in ("type", "nargs", "metavar", "choices"):
                 if key not in extra:
                     kwargs.pop(key, None)
-        parser.add_argument(*flags, dest=f.name, **{**kwargs, **extra})
+        kwargs.update(extra)
+        if default is None or kwargs.get("action") in ("store_true", "store_false"):
+            kwargs["help"] = extra.get("help", f.metadata["help"])  # no default to show: the help says it
+        parser.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def given_arguments(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of ``cls`` whose flags were given (not None) in ``args``."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if getattr(args, f.name, None) is not None}
+
+
+def dataclass_parameters(cls: type, *, optional: bool = False) -> list[inspect.Parameter]:
+    """One keyword-only parameter per field of dataclass ``cls`` that has ``metadata["help"]``,
+    with the field's type and default: the fields :func:`add_dataclass_arguments` makes flags of.
+
+    Args:
+        optional: every parameter ``T | None = None`` (None: not given), for keys that override
+            a base, such as the config keys of a flow over a preset.
+    """
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        if optional:
+            annotation, default = typing.Optional[hints[f.name]], None
+        else:
+            annotation = hints[f.name]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return out
+
+
+def expand_kwargs(*parameters: inspect.Parameter) -> Callable[[Callable], Callable]:
+    """A decorator: write ``parameters`` into the function's signature in place of its ``**kwargs``.
+
+    The function still receives them in ``**kwargs``; whatever reads its signature (Prefect's flow
+    parameters and their schema, ``help()``, argument binding) sees each one by name, type and
+    default. Apply it below ``@flow``.
+    """
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        if len(own) == len(sig.parameters):
+            raise TypeError(f"{fn.__name__} has no **kwargs for the generated parameters")
+        fn.__signature__ = sig.replace(parameters=[*own, *parameters])  # a duplicate name raises ValueError
+        return fn
+    return decorate

@@ -57,3 +57,20 @@ def test_failure_after_the_run_started_marks_it_failed_and_registers_nothing(pre
     (run,) = client.search_runs([client.get_experiment_by_name("tiny-pipeline").experiment_id])
     assert run.info.status == "FAILED"
     assert_nothing_registered(client)
+
+
+def test_every_config_key_is_a_flow_parameter_over_the_preset():
+    from vae.config import PRESETS, get_default_config
+
+    params = vae_training.parameters.properties
+    own = {"preset", "overrides", "iw_k", "eval_max_images", "eval_max_train_images", "eval_probe", "eval_fid",
+           "figures", "register_model", "run_kind"}
+    assert set(params) == set(get_default_config()) | own
+    assert all(params[key]["default"] is None for key in get_default_config())
+    assert params["preset"]["enum"] == sorted(PRESETS) and params["preset"]["default"] == "small"
+
+
+def test_a_named_config_key_applies_over_overrides(prefect_harness, client, tiny_overrides):
+    state = vae_training(overrides=tiny_overrides, hidden_dims=[8, 0], **FAST_EVAL, return_state=True)
+    assert state.is_failed() and "hidden_dims: every entry must be >= 1, got [8, 0]" in state.message
+    assert_nothing_registered(client)

@@ -1,4 +1,5 @@
-"""Task policies, with real Prefect runs: retries on transient I/O only; the data cache key."""
+"""Task policies, with real Prefect runs: retries on transient I/O only; the data cache key; the
+evaluation protocol (the probe's training images, the fast path)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import os
 import pytest
 from prefect import flow, task
 
-from pipelines.tasks import RETRY, data_cache_key
-from vae.config import ConfigError
+from pipelines.tasks import RETRY, data_cache_key, evaluate_model
+from vae.config import ConfigError, validate_config
 
 
 def _attempts(error: Exception) -> int:
@@ -50,3 +51,39 @@ def test_data_cache_key_follows_the_files(tiny_data_dir):
     finally:
         os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert data_cache_key(None, params) == key
+
+
+@pytest.fixture
+def untrained(tiny_config, tiny_data_dir):
+    """(a fresh tiny VAE, the tiny dataset, its config): evaluation needs no training to be compared."""
+    import torch
+
+    from vae.data import load_dataset
+    from vae.model import VAE
+
+    cfg = validate_config(tiny_config)
+    torch.manual_seed(0)
+    return VAE(**cfg.model.as_kwargs()).eval(), load_dataset(tiny_data_dir, "mnist"), cfg
+
+
+def test_probe_training_images_follow_eval_max_train_images_not_the_test_count(untrained):
+    from vae.evaluate import evaluate
+
+    model, data, cfg = untrained
+    for n in (0, 120):  # 0 = all 600 training images, whatever the number of test images
+        got = evaluate_model(model, data, cfg, k=1, max_test_images=50, max_train_images=n, fid=False)
+        want = evaluate(model, data, loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize, k=1,
+                        fid=False, max_test_images=50, max_train_images=n, seed=cfg.run.seed)
+        assert got["test/probe_acc"] == want["test/probe_acc"] and got["test/num_images"] == 50
+
+
+def test_evaluation_takes_the_fast_path_only_when_the_config_says_so(untrained):
+    from vae import fast
+
+    model, data, cfg = untrained
+    plain = evaluate_model(model, data, cfg.replace(fast=False), k=4, max_test_images=50, probe=False, fid=False)
+    assert set(fast.forms(model).values()) == {"plain"}
+    quick = evaluate_model(model, data, cfg, k=4, max_test_images=50, probe=False, fid=False)
+    assert {"bias_after", "output_conv"} <= set(fast.forms(model).values())
+    assert quick["test/iw_nll_k4"] == pytest.approx(plain["test/iw_nll_k4"], rel=1e-5)
+    assert quick["test/nelbo"] == pytest.approx(plain["test/nelbo"], rel=1e-5)

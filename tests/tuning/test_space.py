@@ -81,6 +81,6 @@ def test_iw_objective_asks_the_trainer_for_the_bound(tiny_options):
 def test_make_options_defaults_match_the_issue():
     opts = make_options()
     assert (opts.sampler, opts.pruner, opts.metric) == ("tpe", "median", "val/nelbo")
-    assert opts.storage.startswith("sqlite:///") and opts.storage.endswith("optuna/studies.db")
+    assert opts.storage_url.startswith("sqlite:///") and opts.storage_url.endswith("optuna/studies.db")
     multi = make_options(multi_objective=True)
     assert (multi.sampler, multi.pruner, multi.metrics) == ("nsga2", "none", ("val/recon", "val/kl"))

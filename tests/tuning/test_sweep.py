@@ -16,7 +16,7 @@ def test_three_trial_sweep_leaves_three_trials_and_three_nested_runs(tiny_option
     opts = tiny_options(n_trials=3, plots=True)
     summary = run_sweep(opts)
 
-    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage)
+    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert all(len(t.intermediate_values) == 2 for t in study.trials)  # one report per epoch
     parents, trials = mlflow_runs()
@@ -33,10 +33,10 @@ def test_three_trial_sweep_leaves_three_trials_and_three_nested_runs(tiny_option
 def test_best_config_is_the_best_trials_config_ready_to_train(tiny_options):
     opts = tiny_options(n_trials=2)
     summary = run_sweep(opts)
-    config = best_config(opts.study_name, opts.storage)
+    config = best_config(opts.study_name, opts.storage_url)
     written = json.loads(open(summary["best_config_path"]).read())
     assert written == config and validate_config(config)
-    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage)
+    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url)
     for key, value in study.best_params.items():
         assert config[key] == value
     assert config["experiment_name"] == f"{opts.study_name}-best" and config["checkpoint_dir"] == "checkpoints"
@@ -50,7 +50,7 @@ def test_a_trial_reporting_a_bad_value_is_pruned_at_once(tiny_options, mlflow_ru
         study.enqueue_trial({"learning_rate": lr, "latent_dim": 4, "beta": 1.0})
     run_sweep(opts)
 
-    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch, not 3
     pruned = [r for r in mlflow_runs()[1] if r.data.tags["optuna.trial_number"] == "2"][0]
@@ -60,7 +60,7 @@ def test_a_trial_reporting_a_bad_value_is_pruned_at_once(tiny_options, mlflow_ru
 def test_multi_objective_sweep_reports_a_pareto_front_without_pruning(tiny_options, mlflow_runs):
     opts = tiny_options(n_trials=2, multi_objective=True, fixed={"num_epochs": 1}, plots=True)
     summary = run_sweep(opts)
-    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage)
+    study = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url)
     assert [len(t.values) for t in study.trials] == [2, 2]
     assert summary["pareto"] and set(summary["pareto"][0]["values"]) == {"val/recon", "val/kl"}
     assert "pareto_front" in summary["plots"]
@@ -69,7 +69,7 @@ def test_multi_objective_sweep_reports_a_pareto_front_without_pruning(tiny_optio
 def test_iw_objective_minimises_the_iw_bound(tiny_options):
     opts = tiny_options(n_trials=1, objective="iw", iw_k=2, fixed={"num_epochs": 1})
     summary = run_sweep(opts)
-    run = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials[0]
+    run = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials[0]
     assert summary["metrics"] == ["val/iw_nll_k2"] and run.value == summary["best"]["value"]
 
 

@@ -18,10 +18,10 @@ from tuning.sweep import run_sweep
 def test_two_worker_processes_on_one_sqlite_study_finish_n_trials_without_duplicates(
         tiny_options, mlflow_runs, capfd):
     opts = tiny_options(n_trials=4, n_workers=2, fixed={"num_epochs": 1})
-    assert opts.storage.startswith("sqlite:///")
+    assert opts.storage_url.startswith("sqlite:///")
     summary = run_sweep(opts)
 
-    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and summary["counts"]["complete"] == 4
     out = capfd.readouterr().out
@@ -57,7 +57,7 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
                          "--latent-dims", "2", "4", "--threads", "1", "--no-plots", *fixed)
     proc = popen(argv, env)
     try:
-        out = _stop_during_second_trial(proc, opts.study_name, opts.storage)
+        out = _stop_during_second_trial(proc, opts.study_name, opts.storage_url)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -65,14 +65,14 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
     assert proc.returncode == 130, out
     assert "rerun to resume" in out
 
-    before = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    before = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     done = {t.number: t.value for t in before if t.state == TrialState.COMPLETE}
     interrupted = [t for t in before if t.state == TrialState.FAIL]
     assert done and len(interrupted) == 1
     assert [t.state for t in before].count(TrialState.WAITING) == 1  # queued again
 
     summary = run_sweep(SweepOptions(**{**opts.__dict__, "n_trials": 1}))
-    after = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    after = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert {t.number: t.value for t in after if t.number in done} == done  # earlier trials kept
     retried = [t for t in after if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
@@ -86,7 +86,7 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
 
 def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish(tiny_options, tune_cmd):
     opts = tiny_options(n_trials=1, fixed={"num_epochs": 1})
-    assert opts.storage.startswith("sqlite:///") and not Path(opts.storage[len("sqlite:///"):]).exists()
+    assert opts.storage_url.startswith("sqlite:///") and not Path(opts.storage_url[len("sqlite:///"):]).exists()
     fixed = [f"--set={k}={json.dumps(v)}" for k, v in opts.base_config.items()
              if k in ("data_dir", "hidden_dims", "batch_size", "num_epochs", "val_size", "ema_decay", "log_every")]
     argv, env = tune_cmd("--study-name", opts.study_name, "--n-trials", "1", "--preset", "default",
@@ -100,6 +100,6 @@ def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
-    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage).trials
+    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert sorted(t.number for t in trials) == [0, 1]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
