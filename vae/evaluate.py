@@ -63,23 +63,22 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
         data: an :class:`ImageData` (its test images are evaluated; its training images feed the
             probe and, if needed, train the cached classifier), or a :class:`Split` to evaluate.
         train: the probe's training split when ``data`` is a Split (default: ``data.train_*``).
-        loss_type: the decoder's likelihood, 'bce' or 'mse' (the config's reconstruction_loss_type).
-        binarize: the data protocol the model was trained on ('none', 'static', 'dynamic').
+        loss_type, binarize: the decoder's likelihood ('bce' or 'mse': the config's
+            reconstruction_loss_type) and the data protocol it trained on ('none', 'static', 'dynamic').
         k, iw_chunk: importance samples of the IW bound (0 skips it: it costs k decoder passes per
             image); images per decoder pass of the bound (bounds memory).
         probe, fid: fit the linear probe (encodes the training images); compute ``fid_cls`` and
             ``class_entropy`` (needs ``classifier`` or an ImageData to train the cached one from).
         classifier, classifier_cache: a trained :class:`vae.classifier.DigitClassifier`, else the
             cached one from this folder (default ``$VAE_CACHE_DIR/classifier``).
-        num_samples: prior samples for the FID.
-        max_test_images, max_train_images: use only the first N images (0 = all), for quick runs.
+        num_samples, max_test_images, max_train_images: prior samples for the FID; use only the
+            first N test / training images (0 = all), for quick runs.
         seed, prefix: seed of every random draw (binarisation, z, prior samples); key prefix ('test').
-        retain_memory: run under :func:`vae.fast.retained_heap` (the IW bound allocates and frees
+        retain_memory: run under :func:`vae.fast.retained_heap` (the IW bound frees and reallocates
             the same large buffers chunk after chunk).
     Returns:
         ``{prefix}/nelbo, /recon, /kl, /iw_nll_k{k}, /iw_nll_k{k}_se, /active_units, /kl_dim_max,
-        /kl_dim_median, /probe_acc, /fid_cls, /class_entropy, /classifier_acc, /num_images,
-        /eval_seconds`` (the optional parts only when computed).
+        /kl_dim_median, /probe_acc, /fid_cls, /class_entropy, /classifier_acc, /num_images, /eval_seconds``.
     """
     t0 = time.perf_counter()
     model = model.to(device) if device is not None else model
