@@ -4,11 +4,13 @@ One training step of the seed's default VAE (hidden 32-64-128-256, latent 128): 
 loss, backward and the fused AdamW step, on a batch of 128 random 28×28 images, channels-last,
 float32, on the CPU. Variants: everything on (what the trainer runs with ``fast: true``), each
 piece left out in turn, and nothing (``fast: false``: plain ``torch.nn`` layers, glibc's default
-heap). All run in one process with the same initial weights, in blocks of ``--steps`` steps
-interleaved over ``--rounds`` rounds; the table shows each variant's median step time and, for a
-piece left out, the share of the step it saves: (without − all) / without.
+heap). All run in one process with the same initial weights. A round runs every variant once, a
+block of ``--steps`` timed steps after one untimed step (which settles the heap into the
+variant's mode), so every variant sees the same slow drifts of a shared machine; the table shows
+each variant's median step time and, for a piece left out, the share of the step it saves:
+1 − all / without, from the median over rounds of that round's ratio.
 
-    python -m benchmarks.fast                  # torch's default threads, 8 rounds of 10 steps
+    python -m benchmarks.fast                  # torch's default threads, 30 rounds of 3 steps
     python -m benchmarks.fast --threads 1
 """
 
@@ -41,8 +43,8 @@ def _variants() -> dict[str, tuple[tuple[str, ...], bool]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="steps per block")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,9 +56,9 @@ def main(argv=None) -> None:
     loss_fn = VAELoss(1.0, "mse")
     x = torch.rand(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
 
-    def block(name: str) -> list[float]:
+    def block(name: str, steps: int) -> list[float]:
         model, opt, times = models[name], optimizers[name], []
-        for _ in range(args.steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
             recon, mu, log_var = model(x)
             opt.zero_grad(set_to_none=True)
@@ -65,22 +67,24 @@ def main(argv=None) -> None:
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    rounds: list[dict[str, float]] = []
     for r in range(args.rounds + 1):  # round 0 warms up and is dropped
+        medians = {}
         for name, (_, heap) in variants.items():
             with fast.retained_heap(enabled=heap):
-                block(name)  # one block to settle the heap into this mode
-                t = block(name)
-            if r:
-                times[name].extend(t)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    all_ms, none_ms = med["all (fast: true)"], med["none (fast: false)"]
+                block(name, 1)  # settles the heap into this mode
+                medians[name] = statistics.median(block(name, args.steps))
+        if r:
+            rounds.append(medians)
+    med = {name: statistics.median(row[name] for row in rounds) for name in variants}
+    none_ms = med["none (fast: false)"]
     print(f"\ntraining step (forward, loss, backward, AdamW), default model, batch 128, channels-last, "
-          f"{torch.get_num_threads()} thread(s), medians of {args.rounds} x {args.steps} steps\n")
+          f"{torch.get_num_threads()} thread(s), {args.rounds} rounds of {args.steps} steps per variant\n")
     print("| variant | ms per step | share of the step the piece saves | speed-up over fast: false |")
     print("|---|---:|---:|---:|")
     for name, ms in med.items():
-        share = f"{100 * (ms - all_ms) / ms:.1f}%" if name.startswith("without") else ""
+        ratio = statistics.median(row["all (fast: true)"] / row[name] for row in rounds)
+        share = f"{100 * (1 - ratio):.1f}%" if name.startswith("without") else ""
         print(f"| {name} | {ms:.1f} | {share} | {none_ms / ms:.2f} |")
 
 

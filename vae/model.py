@@ -30,8 +30,8 @@ def _conv_out(size: int) -> int:
 
 
 def _block(conv: nn.Module, channels: int) -> nn.Sequential:
-    # In place: BatchNorm's backward reads its input, not its output, so the activation may overwrite it.
-    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2, inplace=True))
+    """conv -> BatchNorm -> LeakyReLU(0.2): one stage of the encoder or decoder."""
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
 
 
 class VAE(nn.Module):
