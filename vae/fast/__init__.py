@@ -20,16 +20,16 @@ form             what it does                                      where it appl
                  are slow on such tiny maps                        autocast, not under ``torch.compile``
 ``output_conv``  the few-channel output conv (32→1 at 28×28) as    a stride-1 'same' conv with ≤ 4 output
                  a 1×1 conv to k·k tap maps plus a shifted sum     channels and an odd kernel; CPU float32
-``inplace_act``  LeakyReLU in place: BatchNorm's backward reads    a LeakyReLU right after a BatchNorm2d in
-                 its input, not its output, so the activation      an ``nn.Sequential``; CPU float32
-                 may overwrite it (one buffer less per stage)
 ``heap``         :func:`retained_heap`: freed activation buffers   training (``retain_memory``), evaluation
                  stay in the process instead of being unmapped     and the FID classifier's training; Linux
                  and re-faulted every step                         with glibc
 ===============  ================================================  ==========================================
 
 On CUDA, MPS, float64 or bf16 models :func:`accelerate` changes nothing: the forms were never
-measured there. :func:`forms` says which form each layer of a model took.
+measured there. :func:`forms` says which form each layer of a model took. Tried and deleted, as
+each saved under 3% of a step: the activation in place (1.9% and 3.3% in two runs), the linear layers on oneDNN's matmul
+(slower on the Intel Xeon, under 3% on AMD), the parameters in one flat tensor (0.99-1.02x), the
+output conv's weight gradient as per-image matrix products (~1%).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from vae.fast.layers import MATMUL_MAX_POSITIONS, Conv2d, ConvTranspose2d, Outpu
 
 __all__ = ["FORMS", "accelerate", "applies", "forms", "retained_heap"]
 
-FORMS = ("bias_after", "matmul", "output_conv", "inplace_act")  # the layer forms; the heap is retained_heap
+FORMS = ("bias_after", "matmul", "output_conv")  # the layer forms; the heap is retained_heap
 
 
 def applies(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
@@ -74,10 +74,6 @@ def accelerate(model: nn.Module, device: torch.device | str | None = None,
         if twin is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, twin)
-        if "inplace_act" in include and isinstance(module, nn.Sequential):
-            for i in range(1, len(module)):
-                if type(module[i]) is nn.LeakyReLU and isinstance(module[i - 1], nn.BatchNorm2d):
-                    module[i] = nn.LeakyReLU(module[i].negative_slope, inplace=True)
     return model
 
 
@@ -123,13 +119,11 @@ def _twin(module: nn.Module, include: tuple[str, ...], small: bool) -> nn.Module
 
 
 def forms(model: nn.Module) -> dict[str, str]:
-    """Layer name -> the form each convolution, linear layer and LeakyReLU computes in: 'plain',
-    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map), 'output_conv' or 'inplace_act'."""
+    """Layer name -> the form each convolution and linear layer computes in: 'plain',
+    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map) or 'output_conv'."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.LeakyReLU):
-            out[name] = "inplace_act" if module.inplace else "plain"
-        elif isinstance(module, OutputConv):
+        if isinstance(module, OutputConv):
             out[name] = "output_conv"
         elif isinstance(module, (Conv2d, ConvTranspose2d)):
             out[name] = "+".join(f for f, on in (("bias_after", module.bias_after), ("matmul", module.matmul)) if on)
