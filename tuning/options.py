@@ -104,6 +104,11 @@ class SweepOptions:
     def metrics(self) -> tuple[str, ...]:
         return ("val/recon", "val/kl") if self.multi_objective else (self.metric,)
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The objectives as Optuna's dashboard and plots label them: metric and unit, not "Objective 0"."""
+        return [f"{m} (nats per image)" for m in self.metrics]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
