@@ -8,6 +8,7 @@ is a terminal, off otherwise (logs, pipes, CI) or when asked (``progress=False``
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -59,16 +60,21 @@ class Progress:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """``name ...`` now, ``name: done in 12 s (total 40 s)`` when the block ends."""
+        """``name ...`` now, ``name: done in 12 s (total 40 s)`` when the block ends (the total since
+        this object was made, once earlier stages took time)."""
         start = time.perf_counter()
         self.line(f"{name} ...")
         yield
         now = time.perf_counter()
-        self.line(f"{name}: done in {format_seconds(now - start)} (total {format_seconds(now - self._t0)})")
+        total = f" (total {format_seconds(now - self._t0)})" if start - self._t0 >= 1 else ""
+        self.line(f"{name}: done in {format_seconds(now - start)}{total}")
 
     def track(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         """``items`` with a bar (count, rate, ETA) when on; ``items`` itself when off."""
         if not self.enabled:
             return items
+        # tqdm hides a bar on a terminal that reports 0 rows (a pty without a size, e.g. under
+        # `script` or an IDE): give it shutil's size, which falls back to 80 x 24 there.
+        size = shutil.get_terminal_size()
         return tqdm(items, desc=f"{self.prefix}: {desc}", total=total, file=self.stream, leave=False,
-                    mininterval=0.5, dynamic_ncols=True)
+                    mininterval=0.5, ncols=size.columns, nrows=size.lines)

@@ -112,6 +112,7 @@ def test_cli_shows_stages_on_a_terminal_unless_no_progress(progress_checkpoint, 
         _cli(progress_checkpoint, tiny_data_dir, tmp_path, *flags)
     err = written[0]
     assert ("evaluate: IW bound, k = 2 (50 images) ..." in err) is shown, err
+    assert ("evaluate: IW bound k=2:" in err and "0/1 [" in err) is shown, err  # the bar, even on a sizeless pty
 
 
 def test_cli_honours_the_configs_progress_false_and_forces_progress_on(tiny_run, tiny_data_dir, tmp_path,
