@@ -23,8 +23,9 @@ from vae.data import ImageBatches, ImageData, Split, eval_split
 from vae.likelihood import elbo_and_latents
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, active_units
 
-__all__ = ["plot_interpolations", "plot_kl_per_dim", "plot_latent_grid", "loss_curves_figure", "plot_latent_pca", "plot_loss_curves",
-           "plot_prior_samples", "plot_reconstructions", "plot_traversals", "save_image_grid", "write_figures"]
+__all__ = ["loss_curves_figure", "plot_interpolations", "plot_kl_per_dim", "plot_latent_grid", "plot_latent_pca",
+           "plot_loss_curves", "plot_prior_samples", "plot_reconstructions", "plot_traversals", "save_image_grid",
+           "write_figures"]
 
 
 def _figure(width: float, height: float) -> Figure:
