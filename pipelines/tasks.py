@@ -154,7 +154,8 @@ def evaluate_model(model: nn.Module, data: ImageData, cfg: Config, *, k: int, ma
 
     The config gives the likelihood, the binarisation, the seed and the fast path (``fast``,
     ``retain_memory``); the training run's own model and a champion scored again use this one
-    protocol.
+    protocol. Stage lines and bars go to stderr when it is a terminal and the config's
+    ``progress`` is on (a flow run from a shell shows them; a worker's log does not).
 
     Args:
         k: importance samples of the IW bound.
@@ -165,7 +166,8 @@ def evaluate_model(model: nn.Module, data: ImageData, cfg: Config, *, k: int, ma
     return vae_evaluate(on_fast_path(model, cfg), data, loss_type=cfg.loss.reconstruction_loss_type,
                         binarize=cfg.data.binarize, k=k, probe=probe, fid=fid, max_test_images=max_test_images,
                         max_train_images=max_train_images, seed=cfg.run.seed,
-                        retain_memory=cfg.run.fast and cfg.run.retain_memory)
+                        retain_memory=cfg.run.fast and cfg.run.retain_memory,
+                        progress=None if cfg.run.progress else False)
 
 
 def score_key(k: int) -> str:

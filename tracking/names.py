@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["MODEL_NAME", "CHAMPION", "CHALLENGER", "TAG_GIT_COMMIT", "TAG_DATASET_DIGEST", "TAG_DEVICE", "TAG_TORCH_VERSION", "TAG_FLOW_RUN_ID", "TAG_RUN_KIND", "TAG_CHECKPOINT_DIR", "TAG_DECISION", "TAG_DECISION_REASON", "TAG_FAILURE_REASON", "TAG_CHALLENGER_SCORE", "TAG_CHAMPION_SCORE", "TAG_SCORE_METRIC", "UI_URL"]
+__all__ = ["MODEL_NAME", "CHAMPION", "CHALLENGER", "TAG_GIT_COMMIT", "TAG_DATASET_DIGEST", "TAG_DEVICE", "TAG_TORCH_VERSION", "TAG_FLOW_RUN_ID", "TAG_RUN_KIND", "TAG_CHECKPOINT_DIR", "TAG_DECISION", "TAG_DECISION_REASON", "TAG_FAILURE_REASON", "TAG_CHALLENGER_SCORE", "TAG_CHAMPION_SCORE", "TAG_SCORE_METRIC", "TAG_EXPERIMENT_KIND",
+           "EXPERIMENT_KIND", "UI_WORKFLOW_QUERY", "UI_URL"]
 
 MODEL_NAME = "vae-mnist"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -21,3 +22,10 @@ TAG_CHALLENGER_SCORE = "retrain.challenger_score"
 TAG_CHAMPION_SCORE = "retrain.champion_score"
 TAG_SCORE_METRIC = "retrain.score_metric"
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the local store
+# MLflow 3's UI opens an experiment as GenAI (traces overview, "No data available") unless told
+# it holds model training. Two switches, both read by mlflow/server/js (3.17): the experiment tag
+# below (read when the UI's workflow switcher is off), and the ``workflowType`` query of a link
+# (the switcher, on in the open-source UI, else defaults to "genai"). The project sets both.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's kind for classic ML training
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"  # opens experiments on the training runs table

@@ -14,7 +14,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_RUN_KIND,
-                            TAG_TORCH_VERSION, UI_URL)
+                            TAG_TORCH_VERSION, UI_URL, UI_WORKFLOW_QUERY)
 from vae.callbacks import Callback
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -59,10 +59,21 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, sourc
 
 
 def run_link(client: MlflowClient, experiment_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or the local UI that ``make ui`` starts."""
+    """The run's page: on the tracking server, or the local UI that ``make ui`` starts.
+
+    The link asks for MLflow 3's model-training view (``?workflowType=machine_learning``): without
+    it the UI shows GenAI panels (traces, "No data available") around the run."""
+    return f"{_ui_base(client)}/#/experiments/{experiment_id}/runs/{run_id}?{UI_WORKFLOW_QUERY}"
+
+
+def experiment_link(client: MlflowClient, experiment_id: str) -> str:
+    """The experiment's page, opened on its table of training runs (not the GenAI overview)."""
+    return f"{_ui_base(client)}/#/experiments/{experiment_id}?{UI_WORKFLOW_QUERY}"
+
+
+def _ui_base(client: MlflowClient) -> str:
     uri = client.tracking_uri
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
 
 
 class MLflowCallback(Callback):

@@ -11,9 +11,11 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
+from typing import Mapping
 
 from mlflow.tracking import MlflowClient
 
+from tracking.names import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
 from vae import settings
 from vae.errors import UserError
 from vae.files import exclusive_file_lock
@@ -88,19 +90,34 @@ def _open_local_store_once(uri: str) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (artifacts under ``mlruns/artifacts``) if new."""
+    """The id of experiment ``name``, created (artifacts under ``mlruns/artifacts``) if new.
+
+    Every experiment the project uses carries :data:`tracking.names.TAG_EXPERIMENT_KIND` (model
+    training), also one created before the tag existed, so MLflow's UI opens it on its runs.
+    """
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        mark_training_experiment(client, exp.experiment_id, exp.tags)
         return exp.experiment_id
     location = None
     if is_local_store(client.tracking_uri):
         location = (local_store_dir() / "artifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        mark_training_experiment(client, exp.experiment_id, exp.tags)
         return exp.experiment_id
+
+
+def mark_training_experiment(client: MlflowClient, experiment_id: str, tags: Mapping[str, str] | None = None) -> None:
+    """Tag an experiment as model training (``mlflow.experimentKind``) unless it already says a kind:
+    a kind a user chose in the UI is left alone. ``tags``: the experiment's tags, if already read."""
+    if tags is None:
+        tags = client.get_experiment(experiment_id).tags
+    if TAG_EXPERIMENT_KIND not in tags:
+        client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)

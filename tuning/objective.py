@@ -18,6 +18,7 @@ import optuna
 import tracking
 from tuning import runs
 from tuning.options import SweepOptions
+from tuning.progress import TrialProgress
 from tuning.space import suggest
 from vae.config import flatten_params, validate_config
 from vae.data import load_dataset
@@ -62,10 +63,14 @@ class Objective:
     Args:
         opts: the sweep's options (space, fixed config, metric).
         client, exp_id, parent_run_id: MLflow client, experiment and the sweep's parent run.
+        progress, prefix: print each trial's start and epochs (:class:`tuning.progress.TrialProgress`),
+            each line starting with ``prefix``.
     """
 
-    def __init__(self, opts: SweepOptions, client, exp_id: str, parent_run_id: str, data=None):
+    def __init__(self, opts: SweepOptions, client, exp_id: str, parent_run_id: str, data=None, *,
+                 progress: bool = False, prefix: str = ""):
         self.opts, self.client, self.exp_id, self.parent_run_id = opts, client, exp_id, parent_run_id
+        self.progress, self.prefix = progress, prefix
         self.stop_reason: str | None = None  # set by a signal handler: start no more training
         self._data = None
         if data is not None:
@@ -89,6 +94,9 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         callbacks = [tracking.MLflowCallback(self.client, run_id),
                      ReportCallback(trial, self.opts.metric, prune=not self.opts.multi_objective)]
+        if self.progress:  # before the report, which may prune: the epoch's line comes first
+            callbacks.insert(1, TrialProgress(trial.number, trial.params, self.opts.metrics[0], cfg.train.num_epochs,
+                                              self.prefix))
         try:
             result = VAETrainer(cfg, callbacks, overwrite=True, data=self._dataset(cfg)).train()
         except optuna.TrialPruned as e:

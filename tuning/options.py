@@ -15,6 +15,7 @@ be parsed, options that do not go together. Options travel to worker processes a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
@@ -40,7 +41,8 @@ Sampler = Literal["tpe", "random", "nsga2"]
 Pruner = Literal["median", "hyperband", "none"]
 Objective = Literal["nelbo", "iw"]
 PresetName = Literal[tuple(sorted(PRESETS))]
-# Sweep defaults under the preset: no sample grids or progress bars per trial.
+# Sweep defaults under the preset: no sample grids or progress bars per trial (the sweep prints a
+# line per trial epoch instead: SweepOptions.progress, tuning.progress).
 SWEEP_FIXED_DEFAULTS = {"sample_every": 0, "progress": False}
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -89,6 +91,9 @@ class SweepOptions:
     experiment_name: str | None = _option(None, "MLflow experiment (default: the study name)")
     plots: bool = _option(True, "draw the study's figures at the end", flags=("--no-plots",), action="store_false",
                           help="skip the study's figures at the end")
+    progress: bool | None = _option(
+        None, "a line per trial epoch (metric, elapsed, ETA); default: when stdout is a terminal",
+        flags=("--progress",), action=argparse.BooleanOptionalAction)  # and --no-progress
     # Derived by make_options (no help: neither flags nor flow parameters).
     storage_url: str = ""  # the storage resolved and checked: what every worker opens
     space: Mapping[str, ParamSpec] = field(default_factory=dict)
@@ -103,6 +108,11 @@ class SweepOptions:
     @property
     def metrics(self) -> tuple[str, ...]:
         return ("val/recon", "val/kl") if self.multi_objective else (self.metric,)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The objectives as Optuna's dashboard and plots label them: metric and unit, not "Objective 0"."""
+        return [f"{m} (nats per image)" for m in self.metrics]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

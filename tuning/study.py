@@ -91,6 +91,7 @@ def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Stud
     if [d.name.lower() for d in study.directions] != directions:
         raise SweepError(f"study {opts.study_name!r} exists with {len(study.directions)} objective(s); "
                          f"this sweep has {len(directions)}: use another --study-name")
+    _name_metrics(study, opts)
     stored = study.user_attrs.get("metrics")
     if stored is None:
         study.set_user_attr("metrics", list(opts.metrics))
@@ -98,6 +99,14 @@ def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Stud
         raise SweepError(f"study {opts.study_name!r} optimises {stored}, not {list(opts.metrics)}: "
                          f"use another --study-name (values on different metrics do not compare)")
     return study
+
+
+def _name_metrics(study: optuna.Study, opts: SweepOptions) -> None:
+    """Label the objectives (``val/nelbo (nats per image)``) for optuna-dashboard, once per study."""
+    if study.metric_names != opts.metric_names:
+        with warnings.catch_warnings():  # set_metric_names is marked experimental since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(opts.metric_names)
 
 
 def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSampler:

@@ -29,6 +29,7 @@ from tuning import runs
 from tuning.objective import Objective, SweepInterrupted
 from tuning.options import SweepOptions, optuna_dir, redact
 from tuning.plots import save_study_plots
+from tuning.progress import progress_wanted
 from tuning.study import STATE_NAMES, ProgressPrinter, open_study, trial_epochs, write_best_config
 from vae.config import validate_config
 from vae.data import load_dataset
@@ -94,7 +95,8 @@ def run_worker(opts: SweepOptions, *, worker: int, n_trials: int, exp_id: str, p
 
         torch.set_num_threads(opts.threads)
     study = open_study(opts, worker)
-    objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data)
+    objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data,
+                          progress=progress_wanted(opts.progress), prefix=prefix)
     try:
         with _graceful_stop(study, objective):
             study.optimize(objective, n_trials=n_trials, timeout=opts.timeout, catch=(RuntimeError, ValueError),

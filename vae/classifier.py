@@ -25,6 +25,7 @@ from vae.data import ImageData
 from vae import settings
 from vae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae.fast import retained_heap
+from vae.progress import Progress
 
 __all__ = ["DigitClassifier", "classifier_accuracy", "classifier_cache_path", "get_classifier",
            "predict_features", "train_classifier"]
@@ -66,13 +67,15 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, width: int = 32, feature_dim: int = 128,
                      epochs: int = 3, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
-                     device: str | torch.device = "cpu", retain_memory: bool = True) -> DigitClassifier:
+                     device: str | torch.device = "cpu", retain_memory: bool = True,
+                     progress: Progress | None = None) -> DigitClassifier:
     """Train a :class:`DigitClassifier` with Adam and a cosine learning-rate decay.
 
     Args:
         images: uint8 (N, 28, 28) or float (N, 1, 28, 28) in [0, 1]; labels int (N,).
         retain_memory: train under :func:`vae.fast.retained_heap` (a training loop frees and
             reallocates the same activation buffers every step).
+        progress: a bar per epoch (off by default).
     Returns:
         The trained model in eval mode.
     """
@@ -84,9 +87,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, width: int =
         steps = epochs * math.ceil(len(images) / batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(images), generator=gen)
-            for start in range(0, len(images), batch_size):
+            starts = range(0, len(images), batch_size)
+            for start in (progress.track(starts, f"classifier epoch {epoch + 1}/{epochs}") if progress else starts):
                 idx = order[start:start + batch_size]
                 x, y = _as_float(images[idx]).to(device), labels[idx].to(device)
                 loss = F.cross_entropy(model(x), y)
@@ -131,9 +135,10 @@ def classifier_cache_path(data: ImageData, cache_dir: str | Path | None = None, 
 
 def get_classifier(data: ImageData, cache_dir: str | Path | None = None, device: str | torch.device = "cpu", *,
                    width: int = 32, feature_dim: int = 128, epochs: int = 3, seed: int = 0,
-                   retrain: bool = False, retain_memory: bool = True) -> tuple[DigitClassifier, dict[str, Any]]:
+                   retrain: bool = False, retain_memory: bool = True,
+                   progress: Progress | None = None) -> tuple[DigitClassifier, dict[str, Any]]:
     """The cached classifier for this dataset, trained on its training images on first use
-    (``retain_memory``: see :func:`train_classifier`).
+    (``retain_memory``, ``progress``: see :func:`train_classifier`; a stage line while it trains).
 
     Returns:
         (model in eval mode, info) where info holds ``test_acc``, ``path`` and ``trained``
@@ -148,9 +153,13 @@ def get_classifier(data: ImageData, cache_dir: str | Path | None = None, device:
             return model.eval(), {"test_acc": float(state["test_acc"]), "path": str(path), "trained": False}
         except (CheckpointError, KeyError, RuntimeError):
             pass  # a damaged or foreign cache file: train afresh and overwrite it
-    model = train_classifier(data.train_images, data.train_labels, width=width, feature_dim=feature_dim,
-                             epochs=epochs, seed=seed, device=device, retain_memory=retain_memory)
-    test_acc = classifier_accuracy(model, data.test_images, data.test_labels)
+    progress = progress or Progress(False)
+    with progress.stage(f"digit classifier for the FID: training on {len(data.train_images)} images "
+                        f"(first use; cached in {path.parent})"):
+        model = train_classifier(data.train_images, data.train_labels, width=width, feature_dim=feature_dim,
+                                 epochs=epochs, seed=seed, device=device, retain_memory=retain_memory,
+                                 progress=progress)
+        test_acc = classifier_accuracy(model, data.test_images, data.test_labels)
     save_checkpoint({"model_state": model.state_dict(), "width": width, "feature_dim": feature_dim,
                      "epochs": epochs, "seed": seed, "test_acc": test_acc, "dataset": data.name,
                      "dataset_digest": data.digest}, path)

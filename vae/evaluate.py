@@ -16,7 +16,9 @@ Units and protocols:
   evaluation images (seeded, :func:`vae.data.eval_split`), so numbers do not depend on the batch size.
 
 Command line: ``python -m vae.evaluate --model_path checkpoints/run/best_model.pth --k 1000
---output_dir outputs/eval`` prints the metrics, writes ``metrics.json`` and every figure.
+--output_dir outputs/eval`` prints the metrics, writes ``metrics.json`` and every figure; on a
+terminal it reports each stage on stderr (a line, a bar with ETA over the long loops), which
+``--no_progress`` or the config's ``progress: false`` turn off and ``--progress`` turns on anywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vae.device import get_device
 from vae.figures import write_figures
 from vae.files import write_atomic
 from vae.likelihood import elbo_and_latents, iw_bound, iw_log_weights, iw_nll
+from vae.progress import Progress
 from vae.metrics import (ACTIVE_UNIT_THRESHOLD, active_units, class_entropy, encode_means, frechet_distance,
                          linear_probe, sample_quality)
 
@@ -55,7 +58,7 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
              fid: bool = True, classifier: nn.Module | None = None, classifier_cache: str | Path | None = None,
              num_samples: int = 10000, max_test_images: int = 0, max_train_images: int = 0,
              batch_size: int = 500, iw_chunk: int = 1024, seed: int = 0, prefix: str = "test",
-             retain_memory: bool = True) -> dict[str, float]:
+             retain_memory: bool = True, progress: bool | None = None) -> dict[str, float]:
     """Every metric of a trained VAE as one flat dict of floats.
 
     Args:
@@ -76,6 +79,8 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
         seed, prefix: seed of every random draw (binarisation, z, prior samples); key prefix ('test').
         retain_memory: run under :func:`vae.fast.retained_heap` (the IW bound frees and reallocates
             the same large buffers chunk after chunk).
+        progress: a line per stage and a bar (with ETA) over the long loops, on stderr: True, False,
+            or None = when stderr is a terminal (:class:`vae.progress.Progress`).
     Returns:
         ``{prefix}/nelbo, /recon, /kl, /iw_nll_k{k}, /iw_nll_k{k}_se, /active_units, /kl_dim_max,
         /kl_dim_median, /probe_acc, /fid_cls, /class_entropy, /classifier_acc, /num_images, /eval_seconds``.
@@ -90,26 +95,37 @@ def evaluate(model: nn.Module, data: ImageData | Split, *, train: Split | None =
         raise ValueError("probe=True needs training images: pass an ImageData, or train=Split(...)")
     if fid and classifier is None and not isinstance(data, ImageData):
         raise ValueError("fid=True needs classifier=... or an ImageData to train the cached classifier from")
-    was_training = model.training
+    report, was_training = Progress(progress), model.training
     with fast.retained_heap(retain_memory):
         test = eval_split(test, binarize, seed, max_test_images)
         batches = ImageBatches(test, batch_size, shuffle=False, device=device)
-        stats = elbo_and_latents(model, batches, loss_type, seed)
-        out = _elbo_metrics(stats)
-        if k > 0:
-            bound = iw_bound(model, batches, k, loss_type, seed, iw_chunk)
-            out[f"iw_nll_k{k}"] = float(bound.mean())
-            out[f"iw_nll_k{k}_se"] = float(bound.std() / math.sqrt(len(bound))) if len(bound) > 1 else 0.0
+        out, stats = _likelihood_metrics(model, batches, loss_type, k, seed, iw_chunk, report)
         if probe:
             train = eval_split(train, binarize, seed + 1, max_train_images)
-            out["probe_acc"] = linear_probe(encode_means(model, train.images, batch_size), train.labels,
-                                            stats["mu"], stats["labels"])
+            with report.stage(f"linear probe (encode {len(train)} training images, fit)"):
+                out["probe_acc"] = linear_probe(encode_means(model, train.images, batch_size), train.labels,
+                                                stats["mu"], stats["labels"])
         if fid:
-            out.update(_sample_metrics(model, data, test, classifier, classifier_cache, num_samples, seed,
-                                       max_test_images, retain_memory))
+            out.update(_sample_metrics(model, data, classifier, classifier_cache, num_samples, seed,
+                                       max_test_images, retain_memory, report))
     model.train(was_training)
     out["eval_seconds"] = time.perf_counter() - t0
     return {f"{prefix}/{key}": value for key, value in out.items()}
+
+
+def _likelihood_metrics(model: nn.Module, batches: ImageBatches, loss_type: str, k: int, seed: int, iw_chunk: int,
+                        report: Progress) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Negative ELBO, latent health and (k > 0) the IW bound; and the per-image stats (the probe's)."""
+    with report.stage(f"negative ELBO and latents ({len(batches.images)} images)"):
+        stats = elbo_and_latents(model, report.track(batches, "ELBO", total=len(batches)), loss_type, seed)
+    out = _elbo_metrics(stats)
+    if k > 0:
+        with report.stage(f"IW bound, k = {k} ({len(stats['recon'])} images)"):
+            bound = iw_bound(model, report.track(batches, f"IW bound k={k}", total=len(batches)), k, loss_type,
+                             seed, iw_chunk)
+        out[f"iw_nll_k{k}"] = float(bound.mean())
+        out[f"iw_nll_k{k}_se"] = float(bound.std() / math.sqrt(len(bound))) if len(bound) > 1 else 0.0
+    return out, stats
 
 
 def _elbo_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -120,16 +136,18 @@ def _elbo_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
             "kl_dim_median": float(stats["kl_per_dim"].median())}
 
 
-def _sample_metrics(model, data, test: Split, classifier, classifier_cache, num_samples: int, seed: int,
-                    max_test_images: int, retain_memory: bool) -> dict[str, float]:
+def _sample_metrics(model, data, classifier, classifier_cache, num_samples: int, seed: int, max_test_images: int,
+                    retain_memory: bool, report: Progress) -> dict[str, float]:
     """``fid_cls`` and ``class_entropy`` of prior samples (and the cached classifier's accuracy)."""
     device, out = next(model.parameters()).device, {}
     if classifier is None:
-        classifier, info = get_classifier(data, classifier_cache, device, retain_memory=retain_memory)
+        classifier, info = get_classifier(data, classifier_cache, device, retain_memory=retain_memory,
+                                          progress=report)
         out["classifier_acc"] = info["test_acc"]
     real = data.test_images if isinstance(data, ImageData) else data.images
     real = real[:max_test_images] if max_test_images else real
-    quality = sample_quality(model, classifier.to(device), real, num_samples, seed)
+    with report.stage(f"sample quality ({num_samples} prior samples, classifier FID)"):
+        quality = sample_quality(model, classifier.to(device), real, num_samples, seed)
     return {**out, "fid_cls": quality["fid_cls"], "class_entropy": quality["class_entropy"]}
 
 
@@ -147,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_probe", action="store_true", help="skip the linear probe")
     p.add_argument("--no_fid", action="store_true", help="skip the classifier FID and class entropy")
     p.add_argument("--no_figures", action="store_true", help="write metrics.json only")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--progress", action="store_true", default=None,
+                       help="stage lines and bars (with ETA) on stderr even when it is not a terminal")
+    shown.add_argument("--no_progress", action="store_false", dest="progress",
+                       help="none (default: shown on a terminal, unless the checkpoint's config says progress: false)")
     p.add_argument("--classifier_cache", default=None, help="folder of cached classifiers ($VAE_CACHE_DIR/classifier)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="(default: cpu)")
@@ -177,19 +200,22 @@ def _main(argv=None) -> int:
     model = fast.accelerate(model, device) if cfg.run.fast else model
     data_dir = args.data_dir or settings.current().data_dir or cfg.data.data_dir
     data = load_dataset(data_dir, cfg.data.dataset)
+    progress = args.progress if args.progress is not None else (None if cfg.run.progress else False)
     metrics = evaluate(model, data, loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize,
                        k=args.k, device=device, probe=not args.no_probe, fid=not args.no_fid,
                        classifier_cache=args.classifier_cache, num_samples=args.num_samples,
                        max_test_images=args.max_test_images, max_train_images=args.max_train_images, seed=args.seed,
-                       retain_memory=cfg.run.fast and cfg.run.retain_memory)
+                       retain_memory=cfg.run.fast and cfg.run.retain_memory, progress=progress)
     out = Path(args.output_dir)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     print(out / "metrics.json")
     if not args.no_figures:
-        figures = write_figures(model, data, _load_history(Path(args.model_path), checkpoint), out,
-                                loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize, seed=args.seed)
+        with Progress(progress).stage(f"figures into {out}"):
+            figures = write_figures(model, data, _load_history(Path(args.model_path), checkpoint), out,
+                                    loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize,
+                                    seed=args.seed)
         for path in figures.values():
             print(path)
     return 0

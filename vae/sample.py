@@ -17,11 +17,11 @@ if __name__ == "__main__" and not __package__:  # `python vae/sample.py` puts va
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the checkout root instead, so `import vae` works
 
 import torch
-from torchvision.utils import save_image
 
 from vae.checkpoint import load_model
 from vae.cli import run_cli
 from vae.device import get_device
+from vae.figures import save_image_grid
 
 
 class VAESampler:
@@ -104,18 +104,19 @@ class VAESampler:
         return self.decode(mu)
 
     @staticmethod
-    def save_samples(samples: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-        """Save images as one PNG grid (nrow defaults to a square layout)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(samples, path, nrow=nrow or max(1, int(len(samples) ** 0.5)), padding=2, pad_value=1.0)
-        return path
+    def save_samples(samples: torch.Tensor, path: str | Path, nrow: int | None = None,
+                     title: str | None = None) -> Path:
+        """Save images as one titled PNG grid, at least 600 px wide (nrow defaults to a square layout)."""
+        return save_image_grid(samples, path, title or f"{len(samples)} decoded images", nrow=nrow)
 
-    def save_latent_grid(self, samples: torch.Tensor, path: str | Path) -> Path:
-        return self.save_samples(samples, path, nrow=int(round(len(samples) ** 0.5)))
+    def save_latent_grid(self, samples: torch.Tensor, path: str | Path, title: str | None = None) -> Path:
+        side = int(round(len(samples) ** 0.5))
+        return self.save_samples(samples, path, nrow=side,
+                                 title=title or f"latent grid: {side}×{side} images over z0 (across) and z1 (down)")
 
-    def save_interpolation(self, samples: torch.Tensor, path: str | Path) -> Path:
-        return self.save_samples(samples, path, nrow=len(samples))
+    def save_interpolation(self, samples: torch.Tensor, path: str | Path, title: str | None = None) -> Path:
+        return self.save_samples(samples, path, nrow=len(samples),
+                                 title=title or f"interpolation in {len(samples)} steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,14 +144,21 @@ def _main(argv=None) -> int:
         return 2
     sampler = VAESampler(args.model_path, device=args.device, seed=args.seed)
     out, rng = Path(args.output_dir), (args.latent_range_min, args.latent_range_max)
-    written = [sampler.save_samples(sampler.sample_random(args.num_samples), out / "samples.png")]
+    span, steps = f"{rng[0]:g}…{rng[1]:g}", args.num_steps
+    written = [sampler.save_samples(sampler.sample_random(args.num_samples), out / "samples.png",
+                                    title=f"{args.num_samples} samples from the prior, z ~ N(0, I)")]
     if sampler.latent_dim >= 2:
-        written.append(sampler.save_latent_grid(sampler.generate_latent_grid(args.grid_size, latent_range=rng),
-                                                out / "latent_grid.png"))
-    written.append(sampler.save_samples(sampler.latent_traversal(num_steps=args.num_steps, latent_range=rng),
-                                        out / "traversal.png", nrow=args.num_steps))
+        written.append(sampler.save_latent_grid(
+            sampler.generate_latent_grid(args.grid_size, latent_range=rng), out / "latent_grid.png",
+            title=f"latent grid over z0 (across) and z1 (down), {span}, other dimensions 0"))
+    dims = min(10, sampler.latent_dim)
+    written.append(sampler.save_samples(
+        sampler.latent_traversal(num_steps=steps, latent_range=rng), out / "traversal.png", nrow=steps,
+        title=f"latent traversal of dims 0–{dims - 1} (one per row), {span} in {steps} steps, others 0"))
     z1, z2 = sampler._randn(1, sampler.latent_dim), sampler._randn(1, sampler.latent_dim)
-    written.append(sampler.save_interpolation(sampler.interpolate_latent(z1, z2, args.num_steps), out / "interpolation.png"))
+    written.append(sampler.save_interpolation(
+        sampler.interpolate_latent(z1, z2, steps), out / "interpolation.png",
+        title=f"interpolation between two prior draws z₁ → z₂ in {steps} steps"))
     for path in written:
         print(path)
     return 0

@@ -25,7 +25,6 @@ if __name__ == "__main__" and not __package__:  # `python vae/train.py` puts vae
 
 import torch
 from torch import nn
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from vae import fast, settings
@@ -37,6 +36,7 @@ from vae.data import ImageBatches, ImageData, load_dataset, split_train_val
 from vae.device import get_device, set_seed
 from vae.ema import EMA
 from vae.errors import UserError
+from vae.figures import save_image_grid
 from vae.files import write_atomic
 from vae.likelihood import iw_nll
 from vae.loop import TRAIN_KEYS, VAL_KEYS, NonFiniteLossError, train_one_epoch, validate
@@ -288,9 +288,8 @@ class VAETrainer:
     @torch.no_grad()
     def _save_samples(self, z: torch.Tensor, epoch: int) -> None:
         model = self._eval_model.eval()
-        path = self.run_dir / "samples" / f"epoch_{epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(model.decode(z).float().cpu(), path, nrow=8)
+        save_image_grid(model.decode(z).float().cpu(), self.run_dir / "samples" / f"epoch_{epoch:03d}.png",
+                        f"{len(z)} samples from the prior after epoch {epoch} (the same z every epoch)", nrow=8)
 
 
 def _with_env_fast_dev_run(cfg: Config) -> Config:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import matplotlib.image
 import numpy as np
+import torch
+from PIL import Image
 
-from vae.figures import plot_loss_curves, write_figures
+from vae.figures import loss_curves_figure, plot_loss_curves, save_image_grid, write_figures
 
 ALL = {"reconstructions", "prior_samples", "latent_grid", "traversals", "interpolations", "latent_pca",
        "kl_per_dim", "loss_curves"}
@@ -29,3 +31,27 @@ def test_loss_curves_plot_a_partial_history(tmp_path):
     history = [{"epoch": 1, "train/loss": 200.0, "val/nelbo": 190.0}, {"epoch": 2, "train/loss": 150.0}]
     path = plot_loss_curves(history, tmp_path / "curves.png")
     assert path.stat().st_size > 1000
+
+
+def test_loss_curves_tick_whole_epochs_only():
+    history = [{"epoch": e, "train/loss": 200.0 - e, "val/nelbo": 190.0 - e, "train/beta": 1.0} for e in (1, 2, 3)]
+    fig = loss_curves_figure(history)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
+def test_save_image_grid_upscales_to_a_readable_width_and_titles_it(tmp_path):
+    images = torch.zeros(16, 1, 28, 28)
+    images[:, :, 10:18, 10:18] = 1.0  # a white square in each cell
+    path = save_image_grid(images, tmp_path / "grid.png", title="16 samples from the prior")
+    png = Image.open(path)
+    assert png.size[0] == 122 * 5 >= 600  # 4 cells of 28 px + 2 px padding, upscaled 5x
+    assert png.text["Title"] == "16 samples from the prior"
+    pixels = np.asarray(png.convert("L"))
+    title_rows = pixels.shape[0] - 122 * 5
+    assert title_rows > 0 and pixels[:title_rows].min() < 128, "no title text above the grid"
+    # nearest-neighbour: a 5x5 block per source pixel, no blur (only black and white in the grid)
+    grid = pixels[title_rows:]
+    assert set(np.unique(grid)) <= {0, 255}

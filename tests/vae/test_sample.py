@@ -76,11 +76,16 @@ def test_reconstruct_decodes_the_posterior_mean(sampler):
     torch.testing.assert_close(recon, sampler.decode(mu))
 
 
-def test_save_helpers_write_grids_of_the_right_size(sampler, tmp_path):
+def test_save_helpers_write_readable_titled_grids(sampler, tmp_path):
     grid = sampler.save_latent_grid(sampler.generate_latent_grid(num_samples=3), tmp_path / "g" / "grid.png")
-    line = sampler.save_interpolation(sampler.interpolate_latent(torch.zeros(4), torch.ones(4), 5), tmp_path / "i.png")
-    assert Image.open(grid).size == (3 * 30 + 2, 3 * 30 + 2)  # 28 px + 2 px padding per cell
-    assert Image.open(line).size == (5 * 30 + 2, 30 + 2)
+    line = sampler.save_interpolation(sampler.interpolate_latent(torch.zeros(4), torch.ones(4), 5), tmp_path / "i.png",
+                                      title="from zeros to ones")
+    # 3 cells of 28 px + 2 px padding = 92 px, upscaled 7x (nearest) to reach 600 px; the title above.
+    width, height = Image.open(grid).size
+    assert width == 92 * 7 and height > 92 * 7
+    assert Image.open(grid).text["Title"] == "latent grid: 3×3 images over z0 (across) and z1 (down)"
+    assert Image.open(line).size[0] == (5 * 30 + 2) * 4
+    assert Image.open(line).text["Title"] == "from zeros to ones"
 
 
 def test_cli_writes_the_pngs(trained_checkpoint, tmp_path, capsys):
@@ -91,8 +96,13 @@ def test_cli_writes_the_pngs(trained_checkpoint, tmp_path, capsys):
     assert info.value.code == 0
     names = {"samples.png", "latent_grid.png", "traversal.png", "interpolation.png"}
     assert {p.name for p in out.iterdir()} == names
-    assert Image.open(out / "latent_grid.png").size == (92, 92)
-    assert Image.open(out / "traversal.png").size == (4 * 30 + 2, 4 * 30 + 2)  # 4 dims x 4 steps
+    assert all(Image.open(out / n).size[0] >= 600 for n in names)
+    assert Image.open(out / "latent_grid.png").size[0] == 92 * 7
+    assert Image.open(out / "traversal.png").size[0] == (4 * 30 + 2) * 5  # 4 steps across
+    titles = {n: Image.open(out / n).text["Title"] for n in names}
+    assert titles["samples.png"] == "9 samples from the prior, z ~ N(0, I)"
+    assert titles["traversal.png"].startswith("latent traversal of dims 0–3 (one per row), -4…4 in 4 steps")
+    assert "-4…4" in titles["latent_grid.png"] and "interpolation" in titles["interpolation.png"]
     assert set(capsys.readouterr().out.split()) == {str(out / n) for n in names}
 
 

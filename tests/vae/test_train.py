@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 
 from vae.config import ConfigError
@@ -90,6 +91,9 @@ def test_run_writes_checkpoints_metrics_config_and_samples(tiny_config):
                  "samples/epoch_001.png", "samples/epoch_002.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "config.json").read_text())["latent_dim"] == 4
+    grid = Image.open(run / "samples/epoch_002.png")
+    assert grid.size[0] >= 600
+    assert grid.text["Title"].endswith("samples from the prior after epoch 2 (the same z every epoch)")
 
 
 def test_metrics_file_has_one_row_per_epoch_with_the_metric_keys(tiny_config):
