@@ -1,8 +1,9 @@
 """Optuna studies: storage, sampler and pruner from options, the best trial's config, progress lines.
 
-Storages: any SQLAlchemy URL (SQLite by default, PostgreSQL via ``postgresql+psycopg://``) as an
-``RDBStorage`` with a heartbeat, so a trial whose worker was killed is marked failed and run
-again (``RetryHeartbeatStaleTrialCallback``); or ``journal:PATH``, Optuna's lock-free file log.
+Storages (:mod:`tuning.storage`): any SQLAlchemy URL (SQLite by default, PostgreSQL via
+``postgresql+psycopg://``) as an ``RDBStorage`` that retries database blips and has a heartbeat, so
+a trial whose worker was killed is marked failed and run again; or ``journal:PATH``, Optuna's
+lock-free file log.
 Create the study once (:func:`open_study` with ``create=True``) before starting workers: several
 processes creating one new SQLite database at once race on its schema.
 """
@@ -12,42 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuning.budget import sampler_seed
 from tuning.options import SweepError, SweepOptions, check_storage, default_storage, optuna_dir, redact
+from tuning.storage import open_storage
 from vae.files import exclusive_file_lock, write_atomic
 
 __all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
            "write_best_config", "trial_epochs", "ProgressPrinter", "STATE_NAMES"]
 
-HEARTBEAT_S, GRACE_S = 20, 60
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 # Run-local keys a retraining run sets for itself.
 _RUN_LOCAL_KEYS = {"experiment_name": None, "checkpoint_dir": "checkpoints", "progress": True, "sample_every": 5}
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL that :func:`tuning.options.make_options` accepted."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
-    with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
 @contextlib.contextmanager
@@ -77,17 +59,16 @@ def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> 
 
 
 def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Study:
-    try:
-        storage = open_storage(opts.storage_url)
-    except Exception as e:  # noqa: BLE001 - any driver error becomes one line for the user
-        raise SweepError(f"--storage {redact(opts.storage_url)}: cannot open ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    kwargs = dict(storage=storage, study_name=opts.study_name, sampler=make_sampler(opts, worker),
-                  pruner=make_pruner(opts))
+    storage = open_storage(opts.storage_url, heartbeat_s=opts.heartbeat_s, grace_s=opts.grace_s,
+                           retry_s=opts.storage_retry_s)
+    kwargs = dict(storage=storage, study_name=opts.study_name, pruner=make_pruner(opts))
     directions = ["minimize"] * len(opts.metrics)
     if not create:
-        return optuna.load_study(**kwargs)
+        study = optuna.load_study(**kwargs)
+        study.sampler = make_sampler(opts, worker, len(study.get_trials(deepcopy=False)))
+        return study
     study = optuna.create_study(**kwargs, directions=directions, load_if_exists=True)
+    study.sampler = make_sampler(opts, worker, len(study.get_trials(deepcopy=False)))
     if [d.name.lower() for d in study.directions] != directions:
         raise SweepError(f"study {opts.study_name!r} exists with {len(study.directions)} objective(s); "
                          f"this sweep has {len(directions)}: use another --study-name")
@@ -100,9 +81,10 @@ def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Stud
     return study
 
 
-def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE (default), random or NSGA-II, seeded; worker i gets seed + i so workers do not repeat."""
-    seed = None if opts.seed is None else opts.seed + worker
+def make_sampler(opts: SweepOptions, worker: int = 0, n_existing: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (default), random or NSGA-II, seeded per worker and per trials already in the study, so
+    neither workers nor reruns repeat each other (:func:`tuning.budget.sampler_seed`)."""
+    seed = sampler_seed(opts.seed, worker, n_existing)
     if opts.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
     if opts.sampler == "random":

@@ -71,7 +71,8 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
     assert done and len(interrupted) == 1
     assert [t.state for t in before].count(TrialState.WAITING) == 1  # queued again
 
-    summary = run_sweep(SweepOptions(**{**opts.__dict__, "n_trials": 1}))
+    # --n-trials counts finished trials: one more than done means exactly the queued retry runs.
+    summary = run_sweep(SweepOptions(**{**opts.__dict__, "n_trials": len(done) + 1}))
     after = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert {t.number: t.value for t in after if t.number in done} == done  # earlier trials kept
     retried = [t for t in after if t.user_attrs.get("retry_of") == interrupted[0].number]
