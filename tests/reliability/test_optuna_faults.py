@@ -88,7 +88,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.postgres
 def test_a_3s_cut_during_a_sweep_loses_and_duplicates_no_trial(procs, tmp_path, tiny_data_dir, pg_db):
-    n = 5
+    n = 3
     with FaultProxy("127.0.0.1", int(PG_URL.rsplit(":", 1)[1])) as proxy:
         proc = procs.start(_sweep(tiny_data_dir, "cut", _url(pg_db, proxy.port), n, 2), env=_env(tmp_path))
         finished = "SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
@@ -108,9 +108,9 @@ def test_a_3s_cut_during_a_sweep_loses_and_duplicates_no_trial(procs, tmp_path, 
 
 @pytest.mark.postgres
 def test_a_killed_sweeps_trial_is_failed_by_heartbeat_and_run_again(procs, tmp_path, tiny_data_dir, pg_db):
-    url, n, grace = _url(pg_db), 3, 3
+    url, n, grace = _url(pg_db), 2, 3
     beat = ["--heartbeat-s", "1", "--grace-s", str(grace)]
-    victim = procs.start(_sweep(tiny_data_dir, "kill", url, n, 4, *beat), env=_env(tmp_path))
+    victim = procs.start(_sweep(tiny_data_dir, "kill", url, n, 3, *beat), env=_env(tmp_path))
     mid_trial = ("SELECT count(*) FROM trials t JOIN trial_intermediate_values v USING (trial_id) "
                  "WHERE t.state = 'RUNNING'")
     assert wait_for(lambda: _count(pg_db, mid_trial) > 0, timeout=90, interval=0.1, proc=victim), \
@@ -121,7 +121,8 @@ def test_a_killed_sweeps_trial_is_failed_by_heartbeat_and_run_again(procs, tmp_p
     tally("faults")
     (killed,) = [t for t in _trials(pg_db, "kill") if t[1] == "RUNNING"]
 
-    res = procs.run(_sweep(tiny_data_dir, "kill", url, n, 4, *beat), env=_env(tmp_path / "other"), timeout=120)
+    # The next sweep on the study, from another machine (its own MLflow store):
+    res = procs.run(_sweep(tiny_data_dir, "kill", url, n, 3, *beat), env=_env(tmp_path / "other"), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     trials = _trials(pg_db, "kill")
     by_state = {s: [t for t in trials if t[1] == s] for s in {"COMPLETE", "FAIL", "RUNNING", "WAITING"}}
