@@ -207,3 +207,20 @@ def test_a_damaged_sqlite_store_is_one_line_and_left_unchanged(damage, tmp_path,
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in db.parent.iterdir()) in (["studies.db"], ["studies.db", "studies.db.lock"])
     tally("bad_inputs")
+
+
+@pytest.mark.postgres
+def test_a_frozen_server_is_one_line_after_the_connect_timeout_not_a_hang(pg_db, capsys, optuna_env):
+    from tuning.__main__ import main
+
+    with FaultProxy("127.0.0.1", int(PG_URL.rsplit(":", 1)[1])) as proxy:
+        proxy.freeze()  # connections are accepted, then nothing comes back
+        t0 = time.monotonic()
+        code = main(["--storage", _url(pg_db, proxy.port), "--study-name", "frozen", "--n-trials", "1",
+                     "--storage-retry-s", "1", "--set", f"data_dir={json.dumps(str(optuna_env))}"])
+        elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert code == 2
+    assert_one_line_error(err, f"error: optuna storage {_url(pg_db, proxy.port)}", "gave up after")
+    assert elapsed < 45, elapsed  # start-up, then the 5 s connect timeout: not a hang
+    tally("faults")
