@@ -30,17 +30,19 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def needed(study: optuna.Study, n_total: int, poll_s: float = 1.0, say=print) -> int:
+def needed(study: optuna.Study, n_total: int, poll_s: float = 1.0, say=print, heartbeat: bool = True) -> int:
     """Trials this worker should still start so the study reaches ``n_total`` finished ones.
 
     Waits (polling every ``poll_s``) while the trials running elsewhere would make up the total.
+    Without heartbeats (a journal storage) a dead worker's trial would stay RUNNING for ever, so
+    running trials are not counted (workers of one journal study may then overshoot N a little).
     """
     said = False
     while True:
         fail_stale(study)
         trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
         finished = sum(t.state in FINISHED for t in trials)
-        running = len(trials) - finished
+        running = len(trials) - finished if heartbeat else 0
         if finished >= n_total:
             return 0
         if n_total - finished > running:
@@ -59,13 +61,15 @@ class StopAtTotal:
     fails ends (as many attempts as trials were needed) instead of trying for ever.
     """
 
-    def __init__(self, n_total: int, max_failures: int, poll_s: float = 1.0, say=print):
+    def __init__(self, n_total: int, max_failures: int, poll_s: float = 1.0, say=print, heartbeat: bool = True):
         self.n_total, self.max_failures, self.poll_s, self.say = n_total, max(1, max_failures), poll_s, say
-        self.failures = 0
+        self.heartbeat, self.failures = heartbeat, 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.failures += trial.state == TrialState.FAIL
-        if self.failures >= self.max_failures or needed(study, self.n_total, self.poll_s, self.say) == 0:
+        if self.failures >= self.max_failures:
+            study.stop()
+        elif needed(study, self.n_total, self.poll_s, self.say, self.heartbeat) == 0:
             study.stop()
 
 

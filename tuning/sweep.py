@@ -100,12 +100,13 @@ def run_worker(opts: SweepOptions, *, worker: int, exp_id: str, parent_run_id: s
         torch.set_num_threads(opts.threads)
     study = open_study(opts, worker)
     say = lambda text: print(prefix + text, flush=True)  # noqa: E731
-    todo = needed(study, opts.n_trials, say=say)
+    heartbeat = not opts.storage_url.startswith("journal:")
+    todo = needed(study, opts.n_trials, say=say, heartbeat=heartbeat)
     if todo == 0:
         say(f"the study holds {opts.n_trials} finished trial(s): nothing to run (raise --n-trials for more)")
         return
     objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data)
-    stop = StopAtTotal(opts.n_trials, max_failures=todo, say=say)
+    stop = StopAtTotal(opts.n_trials, max_failures=todo, say=say, heartbeat=heartbeat)
     try:
         with _graceful_stop(study, objective):
             study.optimize(objective, n_trials=None, timeout=opts.timeout, catch=(RuntimeError, ValueError),
