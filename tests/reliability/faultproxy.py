@@ -26,6 +26,7 @@ class FaultProxy:
         self.target = (host, port)
         self.port = _free_port()
         self.cuts = 0
+        self.dropped = 0  # connections closed by cuts: a cut that dropped none tested nothing
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._forwarding = threading.Event()
@@ -81,6 +82,7 @@ class FaultProxy:
         self._listener = s
 
     def _drop_all(self) -> None:
+        self.dropped += len(self._conns) // 2
         for c in self._conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
