@@ -14,11 +14,10 @@ from __future__ import annotations
 import time
 import warnings
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["FINISHED", "StopAtTotal", "needed", "fail_stale", "sampler_seed"]
+__all__ = ["FINISHED", "StopAtTotal", "needed", "fail_stale"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -71,14 +70,3 @@ class StopAtTotal:
             study.stop()
         elif needed(study, self.n_total, self.poll_s, self.say, self.heartbeat) == 0:
             study.stop()
-
-
-def sampler_seed(seed: int | None, worker: int, n_existing: int) -> int | None:
-    """A sampler seed distinct per (seed, worker, trials already in the study).
-
-    A rerun continues the sequence instead of replaying it (the same seed on a study that already
-    has trials re-proposed the first run's settings), and workers started together differ.
-    """
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence([seed, worker, n_existing]).generate_state(1)[0] >> 1)

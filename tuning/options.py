@@ -65,7 +65,7 @@ class SweepOptions:
     timeout: float | None = _option(None, "stop starting trials after this many seconds (default: no limit)")
     n_workers: int = _option(1, "worker processes on the study")
     threads: int | None = _option(None, "torch threads per worker (default cores / workers)")
-    seed: int | None = _option(0, "sampler seed (each worker and each rerun derives its own from it)")
+    seed: int | None = _option(0, "sampler seed (trial k draws from seed (seed, k): reproducible, and no rerun repeats)")
     sampler: Sampler | None = _option(None, "default tpe (nsga2 with --multi-objective)")
     pruner: Pruner | None = _option(None, "default median (none with --multi-objective)")
     pruner_startup_trials: int = _option(5, "median pruner: trials before pruning starts")

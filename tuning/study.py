@@ -19,8 +19,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuning.budget import sampler_seed
 from tuning.options import SweepError, SweepOptions, check_storage, default_storage, optuna_dir, redact
+from tuning.sampling import TrialSeeded
 from tuning.storage import open_storage
 from vae.files import exclusive_file_lock, write_atomic
 
@@ -61,14 +61,12 @@ def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> 
 def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Study:
     storage = open_storage(opts.storage_url, heartbeat_s=opts.heartbeat_s, grace_s=opts.grace_s,
                            retry_s=opts.storage_retry_s)
-    kwargs = dict(storage=storage, study_name=opts.study_name, pruner=make_pruner(opts))
+    kwargs = dict(storage=storage, study_name=opts.study_name, sampler=make_sampler(opts, worker),
+                  pruner=make_pruner(opts))
     directions = ["minimize"] * len(opts.metrics)
     if not create:
-        study = optuna.load_study(**kwargs)
-        study.sampler = make_sampler(opts, worker, len(study.get_trials(deepcopy=False)))
-        return study
+        return optuna.load_study(**kwargs)
     study = optuna.create_study(**kwargs, directions=directions, load_if_exists=True)
-    study.sampler = make_sampler(opts, worker, len(study.get_trials(deepcopy=False)))
     if [d.name.lower() for d in study.directions] != directions:
         raise SweepError(f"study {opts.study_name!r} exists with {len(study.directions)} objective(s); "
                          f"this sweep has {len(directions)}: use another --study-name")
@@ -81,15 +79,18 @@ def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Stud
     return study
 
 
-def make_sampler(opts: SweepOptions, worker: int = 0, n_existing: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE (default), random or NSGA-II, seeded per worker and per trials already in the study, so
-    neither workers nor reruns repeat each other (:func:`tuning.budget.sampler_seed`)."""
-    seed = sampler_seed(opts.seed, worker, n_existing)
-    if opts.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
-    if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, opts.n_trials // 3)))
+def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (default), random or NSGA-II; trial k draws from seed (``opts.seed``, k), so no worker,
+    rerun or other machine repeats another's settings (:mod:`tuning.sampling`)."""
+
+    def make(seed: int | None) -> optuna.samplers.BaseSampler:
+        if opts.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
+        if opts.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, opts.n_trials // 3)))
+
+    return TrialSeeded(make, opts.seed)
 
 
 def make_pruner(opts: SweepOptions) -> optuna.pruners.BasePruner:

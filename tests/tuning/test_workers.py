@@ -105,3 +105,4 @@ def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish
     trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert sorted(t.number for t in trials) == [0, 1]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params != trials[1].params  # same --seed, different trials: different draws
