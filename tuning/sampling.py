@@ -37,7 +37,7 @@ class TrialSeeded(BaseSampler):
 
     def __init__(self, make: Callable[[int | None], BaseSampler], seed: int | None):
         self._make, self._seed = make, seed
-        self._inner = make(None if seed is None else trial_seed(seed, -1))
+        self._inner = make(seed)  # replaced before each trial
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self._seed is not None:
