@@ -22,6 +22,7 @@ A damaged SQLite file is refused before SQLAlchemy touches it (read-only check),
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import time
 import warnings
@@ -31,12 +32,13 @@ from typing import Any, Callable
 import optuna
 from optuna.storages import RDBStorage
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text as sa_text
 
 from tuning.options import redact
 from vae.errors import UserError
 
-__all__ = ["StorageError", "RetryingRDBStorage", "open_storage", "storage_error_in", "HEARTBEAT_S", "GRACE_S",
-           "RETRY_S"]
+__all__ = ["StorageError", "RetryingRDBStorage", "open_storage", "storage_error_in", "quiet_storage_failures",
+           "HEARTBEAT_S", "GRACE_S", "RETRY_S"]
 
 HEARTBEAT_S, GRACE_S, RETRY_S = 20, 60, 60.0
 # Causes no wait can fix, by their driver's wording (PostgreSQL, SQLite).
@@ -91,6 +93,30 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+class _DropStorageFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed ... because of StorageError" warning (with its traceback) and
+    the "failed with value None" line after it: the sweep prints the one-line error instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped_last = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and storage_error_in(record.exc_info[1]):
+            self.dropped_last = True
+            return False
+        drop = self.dropped_last and "failed with value None" in record.getMessage()
+        self.dropped_last = False
+        return not drop
+
+
+def quiet_storage_failures() -> None:
+    """Install :class:`_DropStorageFailures` on Optuna's optimize-loop logger (once)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _DropStorageFailures) for f in logger.filters):
+        logger.addFilter(_DropStorageFailures())
+
+
 class Retrier:
     """Calls a function again while it fails transiently, backing off 0.2 s .. 5 s, for ``retry_s``."""
 
@@ -128,6 +154,7 @@ class RetryingRDBStorage(RDBStorage):
     """``RDBStorage`` whose calls retry transient database errors (see the module docstring)."""
 
     retrier: Retrier
+    _first_silent: dict[int, float] = {}  # trial id -> when this process first saw it RUNNING, never beaten
 
     def record_heartbeat(self, trial_id: int) -> None:
         """One try: a beat missed in a blip is skipped (the next comes ``heartbeat_s`` later)."""
@@ -136,6 +163,20 @@ class RetryingRDBStorage(RDBStorage):
         except Exception as e:  # noqa: BLE001
             if not is_transient(e):
                 raise
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials, plus RUNNING trials that never recorded a heartbeat (their worker
+        lost the database, or died, before the first beat) once this process has seen them silent
+        for the grace period: Optuna skips those, and they would stay RUNNING for ever."""
+        stale = self.retrier(super()._get_stale_trial_ids, study_id)
+        now, grace = time.monotonic(), self.grace_period or 2 * (self.heartbeat_interval or 1)
+        silent = self.retrier(self._never_beaten, study_id)
+        self._first_silent = {t: self._first_silent.get(t, now) for t in silent}
+        return stale + [t for t, seen in self._first_silent.items() if now - seen > grace and t not in stale]
+
+    def _never_beaten(self, study_id: int) -> list[int]:
+        with self.engine.connect() as conn:
+            return [row[0] for row in conn.execute(_NEVER_BEATEN, {"study_id": study_id})]
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
         """Retried; a retry that finds the trial already in ``state`` means the lost reply had committed."""
@@ -154,7 +195,9 @@ _RETRIED = ("create_new_study", "delete_study", "set_study_user_attr", "set_stud
             "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
             "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
             "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
-            "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids")
+            "get_best_trial", "_get_best_trial_id")
+_NEVER_BEATEN = sa_text("SELECT t.trial_id FROM trials t WHERE t.study_id = :study_id AND t.state = 'RUNNING' "
+                        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
 
 
 def _retried(name: str):
@@ -202,7 +245,7 @@ def open_storage(url: str, *, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRA
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
 
     storage = retrier(make)  # __init__ creates the tables: the first contact, retried as a whole
-    storage.retrier = retrier
+    storage.retrier, storage._first_silent = retrier, {}
     return storage
 
 

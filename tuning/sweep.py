@@ -30,7 +30,7 @@ from tuning.objective import Objective, SweepInterrupted
 from tuning.budget import FINISHED, StopAtTotal, needed
 from tuning.options import SweepError, SweepOptions, optuna_dir, redact
 from tuning.plots import save_study_plots
-from tuning.storage import storage_error_in
+from tuning.storage import quiet_storage_failures, storage_error_in
 from tuning.study import STATE_NAMES, ProgressPrinter, open_study, trial_epochs, write_best_config
 from vae.config import validate_config
 from vae.data import load_dataset
@@ -94,6 +94,7 @@ def run_worker(opts: SweepOptions, *, worker: int, exp_id: str, parent_run_id: s
         StorageError: the storage stayed unreachable (the running trial is retried by heartbeat).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_storage_failures()  # a storage that gave up is one line, not Optuna's traceback and ours
     if opts.threads:
         import torch
 

@@ -5,8 +5,9 @@ and a damaged SQLite store.
   with exactly N finished trials, none failed, lost or duplicated;
 - a sweep process SIGKILLed mid-trial: its RUNNING trial is failed by its stale heartbeat and run
   again by the next sweep on the study (short heartbeat: ``--heartbeat-s 1 --grace-s 3``);
-- a store that stays down, or a login the server refuses: one ``error:`` line, exit 2 (after
-  ``--storage-retry-s`` for the first, at once for the second);
+- a store that stays down (before or during a sweep), or a login the server refuses: one
+  ``error:`` line, exit 2 (after ``--storage-retry-s`` for the first, at once for the second), and
+  the same command finishes the study once the store is back;
 - a SQLite file that is not a database, or a truncated one: one line naming the file, exit 2,
   the file byte for byte unchanged.
 Each PostgreSQL test works in a database of its own, dropped afterwards.
@@ -105,6 +106,33 @@ def test_a_3s_cut_during_a_sweep_loses_and_duplicates_no_trial(procs, tmp_path, 
     assert states == ["COMPLETE"] * n, (trials, out)
     assert len({p for _, _, p in trials}) == n, trials  # no settings tried twice
     assert "Traceback" not in err, err[-3000:]
+    tally("trials_checked", n)
+
+
+@pytest.mark.postgres
+def test_a_cut_longer_than_the_retry_window_is_one_line_and_the_rerun_finishes(procs, tmp_path, tiny_data_dir, pg_db,
+                                                                              optuna_env, capsys):
+    from tuning.__main__ import main
+
+    n = 2
+    with FaultProxy("127.0.0.1", int(PG_URL.rsplit(":", 1)[1])) as proxy:
+        argv = _sweep(tiny_data_dir, "outage", _url(pg_db, proxy.port), n, 2, "--storage-retry-s", "2",
+                      "--heartbeat-s", "1", "--grace-s", "3")
+        proc = procs.start(argv, env=_env(tmp_path / "first"))
+        started = "SELECT count(*) FROM trials"
+        assert wait_for(lambda: _count(pg_db, started) >= 1, timeout=90, interval=0.1, proc=proc), \
+            proc.communicate()[1][-3000:]
+        proxy.cut(600)  # down for good, as far as this sweep can tell
+        tally("faults")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out[-2000:] + err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert line.startswith(f"error: optuna storage {_url(pg_db, proxy.port)}: ") and "gave up after" in line
+        proxy.resume()  # the database is back: the same command finishes the study
+        assert main(argv[3:]) == 0, capsys.readouterr().err[-3000:]
+    finished = [t for t in _trials(pg_db, "outage") if t[1] == "COMPLETE"]
+    assert len(finished) == n and len({t[2] for t in finished}) == n
     tally("trials_checked", n)
 
 
