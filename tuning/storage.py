@@ -13,7 +13,8 @@ Heartbeats: each running trial records one every ``heartbeat_s``; a trial whose 
 older than ``grace_s`` (its worker was killed, its machine lost) is failed by the next worker
 that starts a trial or checks the study, and queued again (``RetryHeartbeatStaleTrialCallback``).
 A missed heartbeat during a blip is skipped, not fatal; keep ``grace_s`` above the blips you want
-running trials to survive.
+running trials to survive. A RUNNING trial that never recorded a heartbeat (its worker lost the
+database right after creating it) counts as stale once this process has seen it silent that long.
 
 A damaged SQLite file is refused before SQLAlchemy touches it (read-only check), so it is never
 "repaired" into an empty store.
@@ -154,7 +155,7 @@ class RetryingRDBStorage(RDBStorage):
     """``RDBStorage`` whose calls retry transient database errors (see the module docstring)."""
 
     retrier: Retrier
-    _first_silent: dict[int, float] = {}  # trial id -> when this process first saw it RUNNING, never beaten
+    _first_silent: dict[int, float]  # trial id -> when this process first saw it RUNNING and never beaten
 
     def record_heartbeat(self, trial_id: int) -> None:
         """One try: a beat missed in a blip is skipped (the next comes ``heartbeat_s`` later)."""
