@@ -57,16 +57,19 @@ class StopAtTotal:
     """Study callback: stop when the study needs no more trials from this worker.
 
     Also stops after ``max_failures`` failed trials of this worker, so a sweep whose every trial
-    fails ends (as many attempts as trials were needed) instead of trying for ever.
+    fails ends (as many attempts as trials were needed) instead of trying for ever, and after
+    ``cap`` finished trials of this worker (its share), when given.
     """
 
-    def __init__(self, n_total: int, max_failures: int, poll_s: float = 1.0, say=print, heartbeat: bool = True):
+    def __init__(self, n_total: int, max_failures: int, poll_s: float = 1.0, say=print, heartbeat: bool = True,
+                 cap: int | None = None):
         self.n_total, self.max_failures, self.poll_s, self.say = n_total, max(1, max_failures), poll_s, say
-        self.heartbeat, self.failures = heartbeat, 0
+        self.heartbeat, self.cap, self.failures, self.finished = heartbeat, cap, 0, 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.failures += trial.state == TrialState.FAIL
-        if self.failures >= self.max_failures:
+        self.finished += trial.state in FINISHED
+        if self.failures >= self.max_failures or (self.cap is not None and self.finished >= self.cap):
             study.stop()
         elif needed(study, self.n_total, self.poll_s, self.say, self.heartbeat) == 0:
             study.stop()

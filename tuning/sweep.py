@@ -66,7 +66,7 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
                 run_worker(opts, worker=0, exp_id=exp_id, parent_run_id=parent, data=data)
             else:
                 del data
-                _run_workers(opts, exp_id, parent)
+                _run_workers(opts, exp_id, parent, max(0, opts.n_trials - finished))
     except (SweepInterrupted, KeyboardInterrupt):
         status = "KILLED"
     except BaseException:
@@ -86,8 +86,9 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
 
 
 def run_worker(opts: SweepOptions, *, worker: int, exp_id: str, parent_run_id: str, data=None,
-               prefix: str = "") -> None:
-    """Run trials of the (existing) study in this process until it holds ``opts.n_trials`` finished ones.
+               prefix: str = "", max_trials: int | None = None) -> None:
+    """Run trials of the (existing) study in this process until it holds ``opts.n_trials`` finished
+    ones, or this worker has finished ``max_trials`` (its share of a multi-worker sweep).
 
     Raises:
         SweepInterrupted: a signal stopped a trial (it is queued again for the next run).
@@ -103,11 +104,14 @@ def run_worker(opts: SweepOptions, *, worker: int, exp_id: str, parent_run_id: s
     say = lambda text: print(prefix + text, flush=True)  # noqa: E731
     heartbeat = not opts.storage_url.startswith("journal:")
     todo = needed(study, opts.n_trials, say=say, heartbeat=heartbeat)
+    if max_trials is not None:
+        todo = min(todo, max_trials)
     if todo == 0:
-        say(f"the study holds {opts.n_trials} finished trial(s): nothing to run (raise --n-trials for more)")
+        say("no trial left for this worker" if max_trials == 0 else
+            f"the study holds {opts.n_trials} finished trial(s): nothing to run (raise --n-trials for more)")
         return
     objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data)
-    stop = StopAtTotal(opts.n_trials, max_failures=todo, say=say, heartbeat=heartbeat)
+    stop = StopAtTotal(opts.n_trials, max_failures=todo, say=say, heartbeat=heartbeat, cap=max_trials)
     try:
         with _graceful_stop(study, objective):
             study.optimize(objective, n_trials=None, timeout=opts.timeout, catch=(RuntimeError, ValueError),
@@ -155,8 +159,12 @@ class _graceful_stop:
             pass
 
 
-def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
-    """Split the trials over ``n_workers`` processes (torch threads: cores / workers each)."""
+def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str, missing: int) -> None:
+    """Split the ``missing`` trials over ``n_workers`` processes (torch threads: cores / workers each).
+
+    Each worker runs at most its share, so a worker that starts late still gets trials and an
+    early one cannot race it for the last ones (a retry the survivors cannot fit is the next run's).
+    """
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.n_workers)
     spec = json.loads(opts.to_json())
     spec["threads"] = threads
@@ -164,9 +172,10 @@ def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     procs = []
-    for w in range(opts.n_workers):  # each runs trials until the study holds n_trials finished ones
-        cmd = [sys.executable, "-m", "tuning.worker", "--worker", str(w), "--exp-id", exp_id,
-               "--parent-run-id", parent_run_id, "--options", json.dumps(spec)]
+    for w in range(opts.n_workers):
+        share = missing // opts.n_workers + (w < missing % opts.n_workers)
+        cmd = [sys.executable, "-m", "tuning.worker", "--worker", str(w), "--max-trials", str(share),
+               "--exp-id", exp_id, "--parent-run-id", parent_run_id, "--options", json.dumps(spec)]
         procs.append(subprocess.Popen(cmd, env=env))
     try:
         codes = [p.wait() for p in procs]

@@ -20,6 +20,7 @@ from vae.errors import UserError
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuning.worker")
     parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--max-trials", type=int, default=None, help="this worker's share of the trials")
     parser.add_argument("--exp-id", required=True)
     parser.add_argument("--parent-run-id", required=True)
     parser.add_argument("--options", required=True, help="SweepOptions as JSON")
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     opts = SweepOptions.from_json(args.options)
     try:
         run_worker(opts, worker=args.worker, exp_id=args.exp_id, parent_run_id=args.parent_run_id,
-                   prefix=f"[worker {args.worker}] ")
+                   prefix=f"[worker {args.worker}] ", max_trials=args.max_trials)
     except SweepInterrupted:
         return 130
     except UserError as e:  # the storage stayed down: one line, as from python -m tuning
