@@ -39,7 +39,7 @@ def publish_summary(summary: dict[str, Any]) -> str:
 @flow(name="vae-sweep", log_prints=True)
 @expand_kwargs(*dataclass_parameters(SweepOptions))
 def vae_sweep(**options: Any) -> dict[str, Any]:
-    """Run ``n_trials`` more trials of a study (``fixed``: config keys for every trial, the CLI's
+    """Run trials until a study holds ``n_trials`` finished ones (``fixed``: config keys for every trial, the CLI's
     ``--set``; ``search``: extra parameters, the CLI's ``--search``). Returns the sweep summary."""
     opts = make_options(**options)  # raises SweepError (a ValueError) on bad input, before any work
     summary = run_study(opts.to_json())

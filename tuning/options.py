@@ -63,11 +63,11 @@ class SweepOptions:
     study_name: str = _option("vae-sweep", "Optuna study (and default MLflow experiment) name")
     storage: str | None = _option(None, "SQLAlchemy URL or journal:PATH (default $VAE_OPTUNA_STORAGE, "
                                         "else sqlite:///optuna/studies.db)")
-    n_trials: int = _option(20, "trials to add to the study in this run")
+    n_trials: int = _option(20, "finished trials the study should hold (a rerun adds only the missing ones)")
     timeout: float | None = _option(None, "stop starting trials after this many seconds (default: no limit)")
     n_workers: int = _option(1, "worker processes on the study")
     threads: int | None = _option(None, "torch threads per worker (default cores / workers)")
-    seed: int | None = _option(0, "sampler seed (worker i uses seed + i)")
+    seed: int | None = _option(0, "sampler seed (trial k draws from seed (seed, k): reproducible, and no rerun repeats)")
     sampler: Sampler | None = _option(None, "default tpe (nsga2 with --multi-objective)")
     pruner: Pruner | None = _option(None, "default median (none with --multi-objective)")
     pruner_startup_trials: int = _option(5, "median pruner: trials before pruning starts")
@@ -89,6 +89,9 @@ class SweepOptions:
         None, "fix a config key for every trial (value as JSON, else text), e.g. --set num_epochs=3",
         flags=("--set", "--param"), action="append", metavar="KEY=VALUE")
     experiment_name: str | None = _option(None, "MLflow experiment (default: the study name)")
+    heartbeat_s: int = _option(20, "seconds between a running trial's heartbeats in the storage")
+    grace_s: int = _option(60, "a running trial without a heartbeat this long is failed and run again")
+    storage_retry_s: float = _option(60.0, "keep retrying a storage that does not answer this long, then stop")
     plots: bool = _option(True, "draw the study's figures at the end", flags=("--no-plots",), action="store_false",
                           help="skip the study's figures at the end")
     progress: bool | None = _option(
@@ -195,6 +198,14 @@ def _check_counts(o: SweepOptions) -> None:
                              ("pruner-warmup-epochs", o.pruner_warmup_epochs, 0)):
         if type(value) is not int or value < low:
             raise SweepError(f"--{name}: must be an integer >= {low}, got {value!r}")
+    for name, value in (("heartbeat-s", o.heartbeat_s), ("grace-s", o.grace_s)):
+        if type(value) is not int or value < 1:
+            raise SweepError(f"--{name}: must be an integer >= 1, got {value!r}")
+    if o.grace_s <= o.heartbeat_s:
+        raise SweepError(f"--grace-s {o.grace_s}: must exceed --heartbeat-s {o.heartbeat_s} "
+                         f"(else live trials are failed as stale)")
+    if not (isinstance(o.storage_retry_s, (int, float)) and o.storage_retry_s >= 0):
+        raise SweepError(f"--storage-retry-s: must be >= 0 seconds, got {o.storage_retry_s!r}")
     if o.n_workers > o.n_trials:
         raise SweepError(f"--n-workers {o.n_workers}: more workers than trials ({o.n_trials})")
     if o.timeout is not None and not o.timeout > 0:

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, Mapping
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tracking
@@ -69,14 +70,24 @@ def end_trial_run(client: MlflowClient, run_id: str, state: str, values: Mapping
 
 def close_orphaned_trial_runs(client: MlflowClient, trials) -> int:
     """End FAILED the runs of trials Optuna failed while their MLflow run still says RUNNING
-    (a killed worker never ends its run; the heartbeat check fails its trial). Returns how many."""
+    (a killed worker never ends its run; the heartbeat check fails its trial). Returns how many.
+    Runs this tracking store does not hold (a worker elsewhere tracked them) are left to their store."""
     closed = 0
     for t in trials:
         run_id = t.user_attrs.get("mlflow_run_id")
-        if t.state.name == "FAIL" and run_id and client.get_run(run_id).info.status == "RUNNING":
+        if t.state.name == "FAIL" and run_id and _status(client, run_id) == "RUNNING":
             end_trial_run(client, run_id, "failed", reason="its worker died (trial failed by Optuna's heartbeat check)")
             closed += 1
     return closed
+
+
+def _status(client: MlflowClient, run_id: str) -> str | None:
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _alive(pid: int) -> bool:

@@ -1,8 +1,9 @@
 """Optuna studies: storage, sampler and pruner from options, the best trial's config, progress lines.
 
-Storages: any SQLAlchemy URL (SQLite by default, PostgreSQL via ``postgresql+psycopg://``) as an
-``RDBStorage`` with a heartbeat, so a trial whose worker was killed is marked failed and run
-again (``RetryHeartbeatStaleTrialCallback``); or ``journal:PATH``, Optuna's lock-free file log.
+Storages (:mod:`tuning.storage`): any SQLAlchemy URL (SQLite by default, PostgreSQL via
+``postgresql+psycopg://``) as an ``RDBStorage`` that retries database blips and has a heartbeat, so
+a trial whose worker was killed is marked failed and run again; or ``journal:PATH``, Optuna's
+lock-free file log.
 Create the study once (:func:`open_study` with ``create=True``) before starting workers: several
 processes creating one new SQLite database at once race on its schema.
 """
@@ -20,34 +21,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuning.options import SweepError, SweepOptions, check_storage, default_storage, optuna_dir, redact
+from tuning.sampling import TrialSeeded
+from tuning.storage import open_storage
 from vae.files import exclusive_file_lock, write_atomic
 
 __all__ = ["open_storage", "open_study", "make_sampler", "make_pruner", "best_config", "best_config_path",
            "write_best_config", "trial_epochs", "ProgressPrinter", "STATE_NAMES"]
 
-HEARTBEAT_S, GRACE_S = 20, 60
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 # Run-local keys a retraining run sets for itself.
 _RUN_LOCAL_KEYS = {"experiment_name": None, "checkpoint_dir": "checkpoints", "progress": True, "sample_every": 5}
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL that :func:`tuning.options.make_options` accepted."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
-    with warnings.catch_warnings():  # the heartbeat API is marked experimental; it is what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
 @contextlib.contextmanager
@@ -77,11 +60,8 @@ def open_study(opts: SweepOptions, worker: int = 0, *, create: bool = False) -> 
 
 
 def _open_study(opts: SweepOptions, worker: int, *, create: bool) -> optuna.Study:
-    try:
-        storage = open_storage(opts.storage_url)
-    except Exception as e:  # noqa: BLE001 - any driver error becomes one line for the user
-        raise SweepError(f"--storage {redact(opts.storage_url)}: cannot open ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    storage = open_storage(opts.storage_url, heartbeat_s=opts.heartbeat_s, grace_s=opts.grace_s,
+                           retry_s=opts.storage_retry_s)
     kwargs = dict(storage=storage, study_name=opts.study_name, sampler=make_sampler(opts, worker),
                   pruner=make_pruner(opts))
     directions = ["minimize"] * len(opts.metrics)
@@ -110,13 +90,17 @@ def _name_metrics(study: optuna.Study, opts: SweepOptions) -> None:
 
 
 def make_sampler(opts: SweepOptions, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE (default), random or NSGA-II, seeded; worker i gets seed + i so workers do not repeat."""
-    seed = None if opts.seed is None else opts.seed + worker
-    if opts.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
-    if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, opts.n_trials // 3)))
+    """TPE (default), random or NSGA-II; trial k draws from seed (``opts.seed``, k), so no worker,
+    rerun or other machine repeats another's settings (:mod:`tuning.sampling`)."""
+
+    def make(seed: int | None) -> optuna.samplers.BaseSampler:
+        if opts.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(population_size=opts.population_size, seed=seed)
+        if opts.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, opts.n_trials // 3)))
+
+    return TrialSeeded(make, opts.seed)
 
 
 def make_pruner(opts: SweepOptions) -> optuna.pruners.BasePruner:

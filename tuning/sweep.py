@@ -1,9 +1,9 @@
 """Running a sweep: create the study once, run its trials in one or several processes, summarise.
 
 :func:`run_sweep` is what the CLI and the ``vae-sweep`` flow call. It creates the study (so
-workers never race on a new database), opens the MLflow parent run, runs ``n_trials`` more trials
-(in this process, or split over ``n_workers`` worker processes that load the same study and
-attach their trial runs to the parent by id), then logs the best trial, the plots and the best
+workers never race on a new database), opens the MLflow parent run, runs trials until the study
+holds ``n_trials`` finished ones (:mod:`tuning.budget`; in this process, or in ``n_workers`` worker
+processes that load the same study and attach their trial runs to the parent by id), then logs the best trial, the plots and the best
 config (``optuna/<study>/best_config.json``) on the parent run. An interrupted sweep keeps its
 finished trials, queues the interrupted one again, and resumes when run again.
 """
@@ -27,9 +27,11 @@ from optuna.trial import TrialState
 import tracking
 from tuning import runs
 from tuning.objective import Objective, SweepInterrupted
-from tuning.options import SweepOptions, optuna_dir, redact
+from tuning.budget import FINISHED, StopAtTotal, needed
+from tuning.options import SweepError, SweepOptions, optuna_dir, redact
 from tuning.plots import save_study_plots
 from tuning.progress import progress_wanted
+from tuning.storage import quiet_storage_failures, storage_error_in
 from tuning.study import STATE_NAMES, ProgressPrinter, open_study, trial_epochs, write_best_config
 from vae.config import validate_config
 from vae.data import load_dataset
@@ -38,10 +40,11 @@ __all__ = ["run_sweep", "run_worker"]
 
 
 def run_sweep(opts: SweepOptions) -> dict[str, Any]:
-    """Run ``opts.n_trials`` more trials of ``opts.study_name``; returns the summary dict.
+    """Run trials of ``opts.study_name`` until it holds ``opts.n_trials`` finished ones; returns the summary.
 
     Raises:
-        SweepError: the storage cannot be opened or holds an incompatible study.
+        SweepError: the storage holds an incompatible study.
+        StorageError: the storage cannot be opened, or stayed unreachable longer than ``storage_retry_s``.
         DataError: the dataset is missing (checked before any trial starts).
     """
     started, t0 = dt.datetime.now(), time.perf_counter()
@@ -54,16 +57,17 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     exp_id, parent = runs.start_parent_run(client, opts)
     runs.close_dead_parent_runs(client, exp_id, opts.study_name)  # sweeps killed outright on this machine
     link = tracking.run_link(client, exp_id, parent)
-    print(f"sweep {opts.study_name}: {len(study.trials)} trial(s) in {redact(opts.storage_url)}; "
-          f"{opts.n_trials} more on {opts.n_workers} worker(s); MLflow run {link}", flush=True)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"sweep {opts.study_name}: {finished} of {opts.n_trials} trial(s) finished in {redact(opts.storage_url)}; "
+          f"the rest on {opts.n_workers} worker(s); MLflow run {link}", flush=True)
     status = "FINISHED"
     try:
         with _sigterm_as_interrupt():  # SIGTERM, like Ctrl-C, ends the sweep cleanly (and its workers)
             if opts.n_workers == 1:
-                run_worker(opts, worker=0, n_trials=opts.n_trials, exp_id=exp_id, parent_run_id=parent, data=data)
+                run_worker(opts, worker=0, exp_id=exp_id, parent_run_id=parent, data=data)
             else:
                 del data
-                _run_workers(opts, exp_id, parent)
+                _run_workers(opts, exp_id, parent, max(0, opts.n_trials - finished))
     except (SweepInterrupted, KeyboardInterrupt):
         status = "KILLED"
     except BaseException:
@@ -82,25 +86,38 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any]:
     return summary
 
 
-def run_worker(opts: SweepOptions, *, worker: int, n_trials: int, exp_id: str, parent_run_id: str,
-               data=None, prefix: str = "") -> None:
-    """Run ``n_trials`` trials of the (existing) study in this process.
+def run_worker(opts: SweepOptions, *, worker: int, exp_id: str, parent_run_id: str, data=None,
+               prefix: str = "", max_trials: int | None = None) -> None:
+    """Run trials of the (existing) study in this process until it holds ``opts.n_trials`` finished
+    ones, or this worker has finished ``max_trials`` (its share of a multi-worker sweep).
 
     Raises:
         SweepInterrupted: a signal stopped a trial (it is queued again for the next run).
+        StorageError: the storage stayed unreachable (the running trial is retried by heartbeat).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_storage_failures()  # a storage that gave up is one line, not Optuna's traceback and ours
     if opts.threads:
         import torch
 
         torch.set_num_threads(opts.threads)
     study = open_study(opts, worker)
+    say = lambda text: print(prefix + text, flush=True)  # noqa: E731
+    heartbeat = not opts.storage_url.startswith("journal:")
+    todo = needed(study, opts.n_trials, say=say, heartbeat=heartbeat)
+    if max_trials is not None:
+        todo = min(todo, max_trials)
+    if todo == 0:
+        say("no trial left for this worker" if max_trials == 0 else
+            f"the study holds {opts.n_trials} finished trial(s): nothing to run (raise --n-trials for more)")
+        return
     objective = Objective(opts, tracking.get_client(), exp_id, parent_run_id, data=data,
                           progress=progress_wanted(opts.progress), prefix=prefix)
+    stop = StopAtTotal(opts.n_trials, max_failures=todo, say=say, heartbeat=heartbeat, cap=max_trials)
     try:
         with _graceful_stop(study, objective):
-            study.optimize(objective, n_trials=n_trials, timeout=opts.timeout, catch=(RuntimeError, ValueError),
-                           callbacks=[ProgressPrinter(prefix)])
+            study.optimize(objective, n_trials=None, timeout=opts.timeout, catch=(RuntimeError, ValueError),
+                           callbacks=[ProgressPrinter(prefix), stop])
         if objective.stop_reason is not None:  # a signal arrived between trials: the last one finished
             raise SweepInterrupted(f"stopped ({objective.stop_reason})")
     except (SweepInterrupted, KeyboardInterrupt) as e:
@@ -109,6 +126,11 @@ def run_worker(opts: SweepOptions, *, worker: int, n_trials: int, exp_id: str, p
             study.enqueue_trial(params, user_attrs={"retry_of": e.number})
         print(f"{prefix}interrupted: finished trials are kept; run the same command again to resume", flush=True)
         raise SweepInterrupted(str(e) or "interrupted") from None
+    except Exception as e:
+        error = storage_error_in(e)  # Optuna may raise another error while handling the storage's
+        if error is None:
+            raise
+        raise error from None
 
 
 class _graceful_stop:
@@ -139,8 +161,12 @@ class _graceful_stop:
             pass
 
 
-def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
-    """Split the trials over ``n_workers`` processes (torch threads: cores / workers each)."""
+def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str, missing: int) -> None:
+    """Split the ``missing`` trials over ``n_workers`` processes (torch threads: cores / workers each).
+
+    Each worker runs at most its share, so a worker that starts late still gets trials and an
+    early one cannot race it for the last ones (a retry the survivors cannot fit is the next run's).
+    """
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.n_workers)
     spec = json.loads(opts.to_json())
     spec["threads"] = threads
@@ -149,8 +175,8 @@ def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     procs = []
     for w in range(opts.n_workers):
-        share = opts.n_trials // opts.n_workers + (w < opts.n_trials % opts.n_workers)
-        cmd = [sys.executable, "-m", "tuning.worker", "--worker", str(w), "--n-trials", str(share),
+        share = missing // opts.n_workers + (w < missing % opts.n_workers)
+        cmd = [sys.executable, "-m", "tuning.worker", "--worker", str(w), "--max-trials", str(share),
                "--exp-id", exp_id, "--parent-run-id", parent_run_id, "--options", json.dumps(spec)]
         procs.append(subprocess.Popen(cmd, env=env))
     try:
@@ -168,6 +194,8 @@ def _run_workers(opts: SweepOptions, exp_id: str, parent_run_id: str) -> None:
         raise
     if any(c == 130 for c in codes):
         raise SweepInterrupted("a worker was interrupted")
+    if 2 in codes:
+        raise SweepError(f"worker exit codes {codes}: a worker stopped on the error printed above")
     if any(codes):
         raise RuntimeError(f"worker exit codes {codes}: see their output above")
 

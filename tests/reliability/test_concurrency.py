@@ -5,7 +5,6 @@ sweep worker leaves its trial failed (then retried) and the study usable."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -133,8 +132,10 @@ def test_killed_sweep_worker_leaves_its_trial_failed_and_the_study_usable(procs,
     assert states[killed.number] == TrialState.FAIL, states
     assert TrialState.WAITING in states.values(), "the failed trial was not queued again"
 
-    # The study is usable: the same command resumes, runs the retry, and finishes.
-    res = procs.run([PYTHON, "-m", "tuning", "--n-trials", "1", *flags], env=env, timeout=300)
+    # The study is usable: the same command resumes, runs the retry, and finishes (--n-trials counts
+    # finished trials: one more than those finished before the kill is exactly the retry).
+    done = sum(s == TrialState.COMPLETE for s in states.values())
+    res = procs.run([PYTHON, "-m", "tuning", "--n-trials", str(done + 1), *flags], env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     trials = optuna.load_study(study_name="rel-killed", storage=url).get_trials()
     assert [t.state for t in trials].count(TrialState.RUNNING) == 0

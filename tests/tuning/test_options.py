@@ -16,7 +16,8 @@ from tuning.options import USER_FIELDS, SweepOptions, make_options
 FLAGS = {"--study-name", "--storage", "--n-trials", "--timeout", "--n-workers", "--threads", "--seed", "--sampler",
          "--pruner", "--pruner-startup-trials", "--pruner-warmup-epochs", "--objective", "--iw-k",
          "--multi-objective", "--population-size", "--preset", "--beta-range", "--latent-dims", "--lr-range",
-         "--search", "--set", "--param", "--experiment-name", "--no-plots", "--progress", "--no-progress", "--show-best"}
+         "--search", "--set", "--param", "--experiment-name", "--heartbeat-s", "--grace-s", "--storage-retry-s",
+         "--no-plots", "--progress", "--no-progress", "--show-best"}
 
 
 def _defaults() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
@@ -76,8 +77,21 @@ def test_iw_objective_minimises_the_iw_bound(tiny_options):
 def test_journal_storage_resumes_and_adds_trials(tiny_options, tmp_path):
     opts = tiny_options(n_trials=1, storage=f"journal:{tmp_path / 'studies.log'}", fixed={"num_epochs": 1})
     first = run_sweep(opts)
-    second = run_sweep(opts)
+    second = run_sweep(dataclasses.replace(opts, n_trials=2))
     assert (first["n_trials_total"], second["n_trials_total"]) == (1, 2)
+
+
+def test_n_trials_counts_finished_trials_and_a_rerun_never_repeats_settings(tiny_options):
+    opts = tiny_options(n_trials=2, sampler="random", fixed={"num_epochs": 1})
+    run_sweep(opts)
+    again = run_sweep(opts)  # the study already holds 2 finished trials
+    assert (again["n_trials_run"], again["n_trials_total"]) == (0, 2)
+    more = run_sweep(dataclasses.replace(opts, n_trials=4))
+    assert (more["n_trials_run"], more["n_trials_total"]) == (2, 4)
+    trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    # The same --seed on a study that has trials continues the sampler instead of replaying it.
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4, [t.params for t in trials]
 
 
 def test_warm_up_epochs_are_never_pruned(tiny_options):

@@ -71,7 +71,8 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
     assert done and len(interrupted) == 1
     assert [t.state for t in before].count(TrialState.WAITING) == 1  # queued again
 
-    summary = run_sweep(SweepOptions(**{**opts.__dict__, "n_trials": 1}))
+    # --n-trials counts finished trials: one more than done means exactly the queued retry runs.
+    summary = run_sweep(SweepOptions(**{**opts.__dict__, "n_trials": len(done) + 1}))
     after = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert {t.number: t.value for t in after if t.number in done} == done  # earlier trials kept
     retried = [t for t in after if t.user_attrs.get("retry_of") == interrupted[0].number]
@@ -85,13 +86,14 @@ def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlf
 
 
 def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish(tiny_options, tune_cmd):
-    opts = tiny_options(n_trials=1, fixed={"num_epochs": 1})
+    opts = tiny_options(n_trials=2, fixed={"num_epochs": 1})
     assert opts.storage_url.startswith("sqlite:///") and not Path(opts.storage_url[len("sqlite:///"):]).exists()
     fixed = [f"--set={k}={json.dumps(v)}" for k, v in opts.base_config.items()
              if k in ("data_dir", "hidden_dims", "batch_size", "num_epochs", "val_size", "ema_decay", "log_every")]
-    argv, env = tune_cmd("--study-name", opts.study_name, "--n-trials", "1", "--preset", "default",
+    argv, env = tune_cmd("--study-name", opts.study_name, "--n-trials", "2", "--preset", "default",
                          "--latent-dims", "2", "4", "--threads", "1", "--no-plots", *fixed)
-    procs = [popen(argv, env), popen(argv, env)]  # both create the database, its schema and the study
+    # Both create the database, its schema and the study; together they finish its 2 trials.
+    procs = [popen(argv, env), popen(argv, env)]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -103,3 +105,4 @@ def test_two_sweep_commands_started_at_once_on_a_new_sqlite_database_both_finish
     trials = optuna.load_study(study_name=opts.study_name, storage=opts.storage_url).trials
     assert sorted(t.number for t in trials) == [0, 1]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params != trials[1].params  # same --seed, different trials: different draws
