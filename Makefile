@@ -11,6 +11,9 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Prefect's temporary server (flows without PREFECT_API_URL) gets 20 s to start by default: on a busy
+# 2-core machine that was too short: the flow died with "Timed out ... ephemeral Prefect API server".
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: help install demo test test-fast bench clean
 
