@@ -36,8 +36,8 @@ from tests.conftest import write_idx_dataset
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/tuning.md", "docs/pipelines.md")
 _BLOCK = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-# make targets checked with `make -n` and what they run checked with --help (an empty list: nothing
-# more to run; `demo` imports its module). They serve until Ctrl-C, or are the demo/suite themselves.
+# make targets checked with `make -n`, and what they run with --help or an import (an empty list: no
+# more). They serve until Ctrl-C, are the demo or the suite themselves, or need `make server`/the stack.
 DRY = {
     "demo": ["-c", "import pipelines.demo"], "test": ["-m", "pytest", "--version"],
     "ui": ["-m", "mlflow", "ui", "--help"],
