@@ -11,6 +11,9 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Prefect's temporary server (flows without PREFECT_API_URL) gets 20 s to start by default: on a busy
+# 2-core machine that was too short: the flow died with "Timed out ... ephemeral Prefect API server".
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: help install demo test test-fast bench clean
 
@@ -49,6 +52,33 @@ bench: install $(VENV)/.bench-installed  ## run every benchmark script in benchm
 	  case $$f in */__init__.py|*/_*) continue;; esac; \
 	  m=$${f%.py}; echo "== $$m"; $(PY) -m $${m//\//.}; \
 	done
+
+# Daily commands after `make demo` (README.md): each runs one CLI with the make variables below;
+# ARGS passes more flags to it (see its --help).
+MODEL ?=
+TRIALS ?= 10
+EXPERIMENT ?= vae_demo
+DASHBOARD_PORT ?= 8080
+.PHONY: sample sweep compare dashboard
+sample: install  ## samples, latent grid, traversals from the newest demo model into samples/demo (MODEL=path)
+	@model='$(MODEL)'; [ -n "$$model" ] || model=$$(ls -t checkpoints/pipeline/*/vae_demo/best_model.pth 2>/dev/null | head -1); \
+	if [ -z "$$model" ]; then echo "make sample: no demo model in checkpoints/pipeline/*/vae_demo/: run make demo first, or pass MODEL=path/to/best_model.pth" >&2; exit 2; fi; \
+	echo "sampling from $$model"; \
+	$(PY) -m vae.sample --model_path "$$model" --output_dir samples/demo $(ARGS)
+
+sweep: install  ## an Optuna sweep of TRIALS=10 trials (study vae-sweep, small preset); run again to add trials
+	$(PY) -m tuning --n-trials $(TRIALS) $(ARGS)
+
+compare: install  ## the runs of EXPERIMENT=vae_demo as a table and a chart (outputs/compare/)
+	$(PY) -m pipelines.compare --experiment $(EXPERIMENT) $(ARGS)
+
+$(VENV)/.dashboard-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dashboard]"
+	@touch $@
+
+dashboard: install $(VENV)/.dashboard-installed  ## optuna-dashboard of the sweeps' storage on 127.0.0.1:8080 (installs the dashboard extra)
+	$(VENV)/bin/optuna-dashboard "$$($(PY) -c 'from tuning.options import default_storage; print(default_storage())')" \
+	  --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 clean:  ## remove run outputs (keeps mlruns/ and .venv)
 	rm -rf checkpoints samples outputs

@@ -9,7 +9,8 @@
 - README.md lists every make target that has a help text and every console script's module, and
   stays under 150 lines; docs/configuration.md lists every variable vae/settings.py reads, and
   docs/library.md every form of the fast path (vae.fast.FORMS and the heap).
-(The code blocks themselves run in tests/vae/test_readme_snippets.py.)
+(The code blocks themselves run in tests/vae/test_readme_snippets.py, the shell commands of README.md,
+docs/tuning.md and docs/pipelines.md in tests/test_commands.py.)
 """
 
 from __future__ import annotations

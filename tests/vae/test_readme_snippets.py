@@ -15,7 +15,8 @@ How a block runs:
   does. The docs pages use ``.venv/bin/python`` as a fresh shell in the checkout would: the working
   directory holds a ``.venv/bin/python`` that runs this interpreter, and ``PYTHONPATH`` holds the
   repository root, as ``make install`` (``pip install -e .``) would. ``path/to/model.pth`` is replaced
-  as in python blocks.
+  as in python blocks, and the checkpoint is also where ``make demo`` leaves its model
+  (``checkpoints/pipeline/<run>/vae_demo/best_model.pth``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def _checkout_venv(cwd: Path) -> None:
 @pytest.mark.parametrize("page", [p for p in DOC_PAGES if _blocks(p, "bash")], ids=lambda p: str(p.relative_to(REPO)))
 def test_doc_page_bash_blocks_run_as_written(page, snippet_env, trained_checkpoint):
     _checkout_venv(snippet_env)
+    demo_model = snippet_env / "checkpoints" / "pipeline" / "run" / "vae_demo" / "best_model.pth"
+    demo_model.parent.mkdir(parents=True)
+    shutil.copy(trained_checkpoint, demo_model)  # what `make demo` leaves, for commands that use its model
     blocks = [(line, code.replace(PLACEHOLDER, str(trained_checkpoint))) for line, code in _blocks(page, "bash")]
     _run_bash_blocks(blocks, snippet_env, {"PYTHONPATH": str(REPO)})
     if page == LIBRARY:  # it trains my_vae, then samples from it
