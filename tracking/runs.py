@@ -69,20 +69,22 @@ def run_link(client: MlflowClient, experiment_id: str, run_id: str) -> str:
 
 
 def artifact_link(client: MlflowClient, run_id: str, path: str) -> str:
-    """Where a user opens the artifact ``path`` (``figures/reconstructions.png``) of a run.
+    """Where a user opens the artifact ``path`` (``figures/reconstructions.png``) of a run:
+    :func:`artifact_location` of the run's artifact root."""
+    return artifact_location(client.tracking_uri, client.get_run(run_id).info.artifact_uri, run_id, path)
 
-    A local store keeps artifacts in a folder (``mlruns/artifacts/<run>/artifacts``): the file's
+
+def artifact_location(tracking_uri: str, artifact_root: str, run_id: str, path: str) -> str:
+    """A local store keeps artifacts in a folder (``mlruns/artifacts/<run>/artifacts``): the file's
     absolute path, which any viewer opens. A tracking server serves them at ``/get-artifact``: that
     URL (a browser shows the PNG). Any other store (say ``s3://``): the artifact's URI.
     """
-    root = client.get_run(run_id).info.artifact_uri
-    if urllib.parse.urlparse(root).scheme in ("", "file"):
-        return str(Path(local_file_uri_to_path(root)).resolve() / path)
-    uri = client.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    if urllib.parse.urlparse(artifact_root).scheme in ("", "file"):
+        return str(Path(local_file_uri_to_path(artifact_root)).resolve() / path)
+    if tracking_uri.startswith(("http://", "https://")):
         query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
-        return f"{uri.rstrip('/')}/get-artifact?{query}"
-    return f"{root.rstrip('/')}/{path}"
+        return f"{tracking_uri.rstrip('/')}/get-artifact?{query}"
+    return f"{artifact_root.rstrip('/')}/{path}"
 
 
 class MLflowCallback(Callback):

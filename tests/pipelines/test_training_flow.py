@@ -153,3 +153,14 @@ def test_demo_summary_explains_the_score_and_prints_paths_and_commands_that_open
     commands = [line for line in text.splitlines() if " -m " in line]
     assert commands and all(".venv/bin/python -m " in line for line in commands)
     assert Path(out["best_model_path"]).is_file() and out["best_model_path"] in text
+
+
+def test_artifact_links_are_local_paths_server_urls_or_the_stores_uri(tmp_path):
+    local = tracking.artifact_location("sqlite:///x.db", (tmp_path / "a" / "r1" / "artifacts").as_uri(), "r1",
+                                       "figures/reconstructions.png")
+    assert local == str(tmp_path.resolve() / "a" / "r1" / "artifacts" / "figures" / "reconstructions.png")
+    served = tracking.artifact_location("http://127.0.0.1:5000/", "mlflow-artifacts:/1/r1/artifacts", "r1",
+                                        "figures/reconstructions.png")
+    assert served == "http://127.0.0.1:5000/get-artifact?path=figures%2Freconstructions.png&run_uuid=r1"
+    assert tracking.artifact_location("postgresql://db", "s3://bucket/r1/artifacts", "r1", "figures/x.png") == \
+        "s3://bucket/r1/artifacts/figures/x.png"
