@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+JSON_KEYS = ("decision", "reason", "challenger_version", "champion_version", "previous_champion_version",
+             "challenger_score", "champion_score", "score_key", "protocol", "run_id")  # --json's fields
+
+
 def summary_text(out: dict[str, Any]) -> str:
     """The decision as a user reads it: what happened, both scores, what the score is, the run."""
     def score(value: float | None) -> str:
@@ -186,13 +190,13 @@ def summary_text(out: dict[str, Any]) -> str:
     before = out["previous_champion_version"]
     return "\n".join([
         f"retraining {out['decision']}: {out['reason']}",
-        f"  challenger: version {out['challenger_version']}, {out['score_key']} {score(out['challenger_score'])}",
-        "  champion:   " + (f"version {before}, {out['score_key']} {score(out['champion_score'])}" if before
-                             else "none before this run"),
+        f"  challenger:   version {out['challenger_version']}, {out['score_key']} {score(out['challenger_score'])}",
+        "  champion was: " + (f"version {before}, {out['score_key']} {score(out['champion_score'])}" if before
+                              else "none before this run"),
         f"  champion now: version {out['champion_version']}",
-        f"  score:      {out['protocol']}",
-        f"  based on:   {out['source']}",
-        f"  run page:   {out['run_link']}"])
+        f"  score:        {out['protocol']}",
+        f"  based on:     {out['source']}",
+        f"  run page:     {out['run_link']}"])
 
 
 def _main(argv=None) -> int:
@@ -205,10 +209,7 @@ def _main(argv=None) -> int:
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
                          eval_max_images=args.eval_max_images, eval_max_train_images=args.eval_max_train_images)
     if args.json:
-        print(console.dumps({k: out[k] for k in ("decision", "reason", "challenger_version", "champion_version",
-                                                 "previous_champion_version", "challenger_score", "champion_score",
-                                                 "score_key", "protocol",
-                                                 "run_id")}))
+        print(console.dumps({k: out[k] for k in JSON_KEYS}))
     else:
         print(summary_text(out))
     return 0

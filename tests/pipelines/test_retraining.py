@@ -95,4 +95,4 @@ def test_cli_output_is_strict_json_and_a_summary_that_names_the_protocol(outcome
     text = summary_text(first)
     assert text.startswith("retraining promoted: no champion yet") and "none before this run" in text
     assert "IW bound, k=8, first 100 test images" in text and "nats per image" in text
-    assert "champion:   version 1" in summary_text(outcomes[1])
+    assert "champion was: version 1" in summary_text(outcomes[1])
