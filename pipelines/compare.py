@@ -7,11 +7,11 @@
 - one row per run that trained a model: a sweep's parent run (the one its trials name in the tag
   ``mlflow.parentRunId``) holds no model and is left out;
 - sorted by the metric, best first (lower is better for likelihoods and losses, higher for
-  ``*acc*`` and ``active_units``), runs without it last;
+  ``*acc*`` and ``active_units``), runs without it last; for a likelihood, its unit;
 - columns: run name, status, the swept params (those whose values differ between the runs, such
   as ``loss.beta``, ``train.learning_rate``, ``model.latent_dim``; ``--param`` adds more), the metric;
-- the chart: the metric against each swept param, one panel each (log x for a param whose values
-  span a factor of 20 or more, such as the learning rate), the best runs labelled.
+- the chart: the metric against each swept param, one panel each (log x for the learning rate
+  and any param whose values span a factor of 20 or more), the best runs labelled.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 import tracking
 from vae.likelihood import likelihood_unit
@@ -102,9 +103,12 @@ def to_markdown(df: pd.DataFrame, columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_scale(values: pd.Series) -> bool:
+def _log_scale(param: str, values: pd.Series) -> bool:
+    """Log x for a learning rate, and for any positive param spanning a factor of 20 or more."""
     numbers = pd.to_numeric(values, errors="coerce").dropna()
-    return len(numbers) > 1 and (numbers > 0).all() and numbers.max() / numbers.min() >= 20
+    if len(numbers) < 2 or not (numbers > 0).all():
+        return False
+    return param.endswith("learning_rate") or numbers.max() / numbers.min() >= 20
 
 
 def tradeoff_figure(df: pd.DataFrame, metric: str, params: list[str]) -> Figure:
@@ -121,8 +125,9 @@ def tradeoff_figure(df: pd.DataFrame, metric: str, params: list[str]) -> Figure:
         ax.scatter(x, data[m], alpha=0.7)
         for i, (xi, yi, name) in enumerate(zip(x[:LABELLED], data[m][:LABELLED], data["run_name"][:LABELLED])):
             ax.annotate(f"#{i + 1} {name}", (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        if numeric and _log_scale(x):
+        if numeric and param and _log_scale(param, x):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap
         ax.set_xlabel(param or "run (best first)")
         ax.set_ylabel(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
     fig.suptitle(f"{metric}: {len(data)} runs, best labelled")
@@ -163,7 +168,7 @@ def metric_unit(df: pd.DataFrame, metric: str) -> str | None:
                 for _, row in df.iterrows()}
     if len(decoders) != 1:
         return "runs differ in decoder or binarisation: their likelihoods do not compare"
-    return likelihood_unit(*decoders.pop())
+    return likelihood_unit(*decoders.pop(), trainer=not metric.startswith("test/"))
 
 
 def _slug(name: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import tracking
 from pipelines.training import build_config, check_inputs, vae_training
 from vae.cli import run_cli
-from vae.likelihood import likelihood_protocol, likelihood_reference
+from vae.likelihood import likelihood_protocol, likelihood_reference, likelihood_unit
 
 DEMO = {"preset": "small", "iw_k": 1000, "eval_max_images": 500}
 DEMO_NATS = 104  # what the small preset's 3 epochs scored on the real MNIST (BENCHMARKS.md, `make demo`)
@@ -42,7 +42,7 @@ vae-training finished in {minutes:.1f} min (MLflow experiment {experiment!r}, ru
   score:      {key} = {out['metrics'][key]:.2f} nats per image
               ({protocol})
               {reference}
-  val/nelbo:  {val:.2f} (negative ELBO on the held-out training images, the same unit)
+  val/nelbo:  {val:.2f} (negative ELBO on the held-out training images; {likelihood_unit(loss, binarize, trainer=True)})
   checkpoint: {out['best_model_path']}
   figures:
 {figures}

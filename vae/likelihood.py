@@ -113,8 +113,15 @@ BENCHMARK_PRESET_NATS = 80.65  # the `benchmark` preset after 42 min on 2 CPU co
 GAUSSIAN_CONSTANT_NATS = 392 * math.log(2 * math.pi)  # 720.4: the unit-variance Gaussian's share of an NLL
 
 
-def likelihood_unit(loss_type: str, binarize: str = "none") -> str:
-    """The unit of a likelihood (NLL, NELBO, IW bound) under a config's decoder and binarisation."""
+def likelihood_unit(loss_type: str, binarize: str = "none", trainer: bool = False) -> str:
+    """The unit of a likelihood (NLL, NELBO, IW bound) under a config's decoder and binarisation.
+
+    Args:
+        trainer: a number the trainer logged (``train/*``, ``val/*``) rather than the evaluation
+            (``test/*``): for the MSE decoder those are squared errors plus KL, not nats.
+    """
+    if loss_type == "mse" and trainer:
+        return "squared error plus KL per image (the MSE decoder's training loss: not nats, not a likelihood)"
     if loss_type == "mse":
         return (f"nats per image under a unit-variance Gaussian (MSE) decoder, including its "
                 f"{GAUSSIAN_CONSTANT_NATS:.1f}-nat constant: not comparable with binarised-MNIST results")
