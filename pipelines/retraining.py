@@ -25,12 +25,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import tracking
-from pipelines import registry, tasks
-from pipelines.training import DEFAULT_IW_K, add_eval_arguments, build_config, check_eval_options, vae_training
+from pipelines import console, registry, tasks
+from pipelines.training import (DEFAULT_IW_K, add_eval_arguments, build_config, check_eval_options, check_inputs,
+                                vae_training)
 from tuning.options import default_storage
 from tuning.study import best_config, best_config_path
 from vae.cli import run_cli
 from vae.config import ConfigError, validate_config
+from vae.likelihood import likelihood_protocol, likelihood_reference
 
 COMPARABLE_KEYS = ("reconstruction_loss_type", "binarize", "dataset")  # a bound means the same only if equal
 
@@ -99,7 +101,8 @@ def decide(challenger: float, champion: dict[str, Any] | None, key: str) -> tupl
 
 
 @task(name="apply-decision", cache_policy=NO_CACHE, **tasks.RETRY)
-def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote: bool, reason: str) -> dict[str, Any]:
+def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote: bool, reason: str,
+                   protocol: str) -> dict[str, Any]:
     """Move ``champion`` (if promoted) and record the decision on the run, the version and in Prefect."""
     client = tracking.get_client()
     version, key, challenger = str(run["model_version"]["version"]), run["score_key"], run["metrics"][run["score_key"]]
@@ -119,10 +122,11 @@ def apply_decision(run: dict[str, Any], champion: dict[str, Any] | None, promote
                              markdown=(f"# Retraining decision: **{tags[tracking.TAG_DECISION]}**\n\n{reason}\n\n"
                                        f"| | version | `{key}` |\n|---|---|---|\n"
                                        f"| challenger | {version} | {challenger:.4f} |\n| champion | {champ} | |\n\n"
-                                       f"MLflow run: [{run['run_id']}]({link})\n"))
+                                       f"Score: {protocol}.\n\nMLflow run: [{run['run_id']}]({link})\n"))
     return {"decision": tags[tracking.TAG_DECISION], "reason": reason, "challenger_version": version,
             "challenger_score": challenger, "champion_score": champion_score,
-            "champion_version": version if promote else (champion["version"] if champion else None)}
+            "champion_version": version if promote else (champion["version"] if champion else None),
+            "previous_champion_version": champion["version"] if champion else None}
 
 
 @flow(name="vae-retraining", log_prints=True)
@@ -157,7 +161,12 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     champion = score_champion(data_ref, config, iw_k, eval_max_images)
     promote, reason = decide(run["metrics"][run["score_key"]], champion, run["score_key"])
     print(("promoted: " if promote else "kept the champion: ") + reason)
-    return {**apply_decision(run, champion, promote, reason), "run_id": run["run_id"], "source": origin}
+    loss_type, binarize = config["reconstruction_loss_type"], config["binarize"]
+    protocol = (f"{likelihood_protocol(loss_type, binarize, iw_k, eval_max_images)} "
+                f"({likelihood_reference(loss_type, binarize)})")
+    return {**apply_decision(run, champion, promote, reason, protocol), "run_id": run["run_id"], "source": origin,
+            "score_key": run["score_key"], "protocol": protocol,
+            "run_link": tracking.run_link(tracking.get_client(), run["experiment_id"], run["run_id"])}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,17 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study_name", default=None, help="Optuna study for --source best_trial (default: the newest)")
     p.add_argument("--num_epochs", type=int, default=None, help="override the base config's epochs")
     add_eval_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (for scripts) instead of a summary")
     return p
+
+
+JSON_KEYS = ("decision", "reason", "challenger_version", "champion_version", "previous_champion_version",
+             "challenger_score", "champion_score", "score_key", "protocol", "run_id")  # --json's fields
+
+
+def summary_text(out: dict[str, Any]) -> str:
+    """The decision as a user reads it: what happened, both scores, what the score is, the run."""
+    def score(value: float | None) -> str:
+        return "none" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    before = out["previous_champion_version"]
+    return "\n".join([
+        f"retraining {out['decision']}: {out['reason']}",
+        f"  challenger:   version {out['challenger_version']}, {out['score_key']} {score(out['challenger_score'])}",
+        "  champion was: " + (f"version {before}, {out['score_key']} {score(out['champion_score'])}" if before
+                              else "none before this run"),
+        f"  champion now: version {out['champion_version']}",
+        f"  score:        {out['protocol']}",
+        f"  based on:     {out['source']}",
+        f"  run page:     {out['run_link']}"])
 
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"num_epochs": args.num_epochs} if args.num_epochs is not None else None
+    check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
+    base, _ = base_config.fn(args.source, args.study_name, "small")
+    check_inputs(validate_config({**base, **(overrides or {})}).to_dict())
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
                          eval_max_images=args.eval_max_images, eval_max_train_images=args.eval_max_train_images)
-    print(json.dumps({k: out[k] for k in ("decision", "reason", "challenger_version", "champion_version",
-                                          "challenger_score", "champion_score", "run_id")}, indent=2))
+    if args.json:
+        print(console.dumps({k: out[k] for k in JSON_KEYS}))
+    else:
+        print(summary_text(out))
     return 0
 
 

@@ -7,7 +7,8 @@
 - ``evaluate``: :func:`evaluate_model` (:func:`vae.evaluate.evaluate` under the run's config, on
   the fast path when the config's ``fast`` is on) on the test set; metrics to the run.
 - ``figures``: :func:`vae.figures.write_figures` into the run's ``figures/``.
-- ``summary``: a Prefect markdown artifact summarising the run (metrics table, MLflow link).
+- ``summary``: Prefect artifacts summarising the run: markdown (metrics, what the likelihoods
+  mean, MLflow link, the figures as images or openable paths) and a table of the metrics.
 - ``register``: :func:`pipelines.registry.log_and_register`.
 
 Tasks retry on transient I/O errors (``OSError``) only: a bad config or bad data fails at once.
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
@@ -207,22 +208,36 @@ def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], r
 
 
 @task(name="summary", cache_policy=NO_CACHE, **RETRY)
-def summary(run: dict[str, str], config: dict[str, Any], metrics: dict[str, float], figures: dict[str, str]) -> str:
-    """Publish the run's summary (metrics table, MLflow link, figures) as a Prefect markdown artifact."""
+def summary(run: dict[str, str], config: dict[str, Any], metrics: dict[str, float], figures: dict[str, str],
+            protocol: str = "") -> str:
+    """Publish the run's summary as Prefect artifacts: markdown (metrics, what the score means,
+    MLflow link, the figures) and a table of the metrics."""
     cfg = validate_config(config)
-    markdown = summary_markdown(tracking.get_client(), run, cfg, metrics, figures)
+    markdown = summary_markdown(tracking.get_client(), run, cfg, metrics, figures, protocol)
     create_markdown_artifact(key="vae-training-summary", markdown=markdown,
                              description=f"VAE training run {run['run_id']}")
+    create_table_artifact(key="vae-training-metrics", description=f"test metrics of MLflow run {run['run_id']}",
+                          table=[{"metric": k, "value": round(v, 6)} for k, v in sorted(metrics.items())])
     return markdown
 
 
-def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float], figures: dict[str, str]) -> str:
+def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float], figures: dict[str, str],
+                     protocol: str = "") -> str:
+    """The markdown artifact. Figures: inline images served by the tracking server, or the local
+    files' paths (a browser showing the Prefect UI cannot load a local file into the page)."""
     link = tracking.run_link(client, run["experiment_id"], run["run_id"])
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
-    figs = ", ".join(f"`{p}`" for p in figures.values()) or "none (figures were off)"
+    links = {name: tracking.artifact_link(client, run["run_id"], path) for name, path in figures.items()}
+    if not links:
+        figs = "Figures: none (figures were off)\n"
+    elif all(u.startswith(("http://", "https://")) for u in links.values()):
+        figs = "## Figures\n\n" + "\n\n".join(f"![{name}]({u})" for name, u in links.items()) + "\n"
+    else:
+        figs = "## Figures (files)\n\n" + "\n".join(f"- {name}: `{u}`" for name, u in links.items()) + "\n"
+    score = f"Likelihoods: {protocol}.\n\n" if protocol else ""
     return (f"# VAE training run `{run['run_name']}`\n\n"
             f"MLflow run: [{run['run_id']}]({link}) (experiment `{cfg.run.experiment_name}`)\n\n"
-            f"| metric | value |\n|---|---|\n{rows}\n\nFigures (MLflow artifacts): {figs}\n")
+            f"| metric | value |\n|---|---|\n{rows}\n\n{score}{figs}")
 
 
 @task(name="register", cache_policy=NO_CACHE, **RETRY)

@@ -15,7 +15,6 @@ Command line (the ``vae-pipeline`` script): ``python -m pipelines.training --pre
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import typing
 from pathlib import Path
@@ -25,9 +24,11 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 import tracking
-from pipelines import tasks
+from pipelines import console, tasks
 from vae.cli import dataclass_parameters, expand_kwargs, run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
+from vae.data import prepare_raw_files
+from vae.likelihood import likelihood_protocol
 
 Preset = Literal[tuple(sorted(PRESETS))]
 DEFAULT_IW_K = 1000
@@ -62,6 +63,19 @@ def check_eval_options(iw_k: int, eval_max_images: int, eval_max_train_images: i
         raise ConfigError(problems)
 
 
+def check_inputs(config: dict[str, Any]) -> None:
+    """What the command lines check before any flow run starts, so that a user's mistake is one
+    ``error:`` line (:func:`vae.cli.run_cli`) rather than a failed run: the data files (present,
+    valid IDX, matching SHA256SUMS) of a validated config; then Prefect's console shows no
+    traceback for a user error that only the flow finds (:mod:`pipelines.console`).
+
+    Raises:
+        DataError: the files are missing (naming where to put them) or invalid.
+    """
+    prepare_raw_files(config["data_dir"], config["dataset"])
+    console.hide_user_error_tracebacks()
+
+
 def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_max_train_images: int,
                  eval_probe: bool, eval_fid: bool, write_figures: bool, register: bool,
                  run_kind: str) -> dict[str, Any]:
@@ -78,7 +92,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         metrics = tasks.evaluate(best, config, data_ref, run["run_id"], k=iw_k, max_test_images=eval_max_images,
                                  max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
         figures = tasks.figures(best, config, data_ref, run["run_id"], result["history"]) if write_figures else {}
-        tasks.summary(run, config, metrics, figures)
+        tasks.summary(run, config, metrics, figures, likelihood_protocol(
+            config["reconstruction_loss_type"], config["binarize"], iw_k, eval_max_images))
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
         version = tasks.register(best, config, run["run_id"], score) if register else None
     except BaseException as e:
@@ -137,10 +152,11 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args, PRESETS[args.preset]()).to_dict()
     check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
+    check_inputs(config)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_training(preset=args.preset, overrides=config, iw_k=args.iw_k, eval_max_images=args.eval_max_images,
                        eval_max_train_images=args.eval_max_train_images, register_model=not args.no_register)
-    print(json.dumps({k: out[k] for k in ("run_id", "experiment_id", "model_version", "metrics")}, indent=2))
+    print(console.dumps({k: out[k] for k in ("run_id", "experiment_id", "model_version", "metrics")}))
     return 0
 
 

@@ -14,11 +14,12 @@ logs through ``MlflowClient`` with an explicit run id, never the fluent ``mlflow
 
 from tracking.names import *  # noqa: F403 - the package's flat API: tracking.MODEL_NAME, tracking.TAG_...
 from tracking.names import __all__ as _names
-from tracking.runs import (MLflowCallback, environment_tags, experiment_link, git_commit, log_dataset, log_metrics,
-                           log_params, run_link)
+from tracking.runs import (MLflowCallback, artifact_link, artifact_location, environment_tags, experiment_link,
+                           git_commit, log_dataset, log_metrics, log_params, run_link)
 from tracking.store import (TrackingUnavailableError, check_reachable, ensure_experiment, get_client, is_local_store,
                             local_store_dir, mark_training_experiment, tracking_uri)
 
-__all__ = [*_names, "MLflowCallback", "TrackingUnavailableError", "check_reachable", "ensure_experiment",
-           "environment_tags", "experiment_link", "get_client", "git_commit", "is_local_store", "local_store_dir",
-           "log_dataset", "log_metrics", "log_params", "mark_training_experiment", "run_link", "tracking_uri"]
+__all__ = [*_names, "MLflowCallback", "TrackingUnavailableError", "artifact_link", "artifact_location",
+           "check_reachable", "ensure_experiment", "environment_tags", "experiment_link", "get_client", "git_commit",
+           "is_local_store", "local_store_dir", "log_dataset", "log_metrics", "log_params", "mark_training_experiment",
+           "run_link", "tracking_uri"]

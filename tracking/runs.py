@@ -1,17 +1,20 @@
 """What a run records: metrics and params in batches, the standard tags, the dataset, and the
-trainer callback that sends each epoch's metrics (by run id, from any thread)."""
+trainer callback that sends each epoch's metrics (by run id, from any thread); and where a user
+opens a run (:func:`run_link`) or one of its artifacts (:func:`artifact_link`)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_RUN_KIND,
                             TAG_TORCH_VERSION, UI_URL, UI_WORKFLOW_QUERY)
@@ -74,6 +77,25 @@ def experiment_link(client: MlflowClient, experiment_id: str) -> str:
 def _ui_base(client: MlflowClient) -> str:
     uri = client.tracking_uri
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+
+
+def artifact_link(client: MlflowClient, run_id: str, path: str) -> str:
+    """Where a user opens the artifact ``path`` (``figures/reconstructions.png``) of a run:
+    :func:`artifact_location` of the run's artifact root."""
+    return artifact_location(client.tracking_uri, client.get_run(run_id).info.artifact_uri, run_id, path)
+
+
+def artifact_location(tracking_uri: str, artifact_root: str, run_id: str, path: str) -> str:
+    """A local store keeps artifacts in a folder (``mlruns/artifacts/<run>/artifacts``): the file's
+    absolute path, which any viewer opens. A tracking server serves them at ``/get-artifact``: that
+    URL (a browser shows the PNG). Any other store (say ``s3://``): the artifact's URI.
+    """
+    if urllib.parse.urlparse(artifact_root).scheme in ("", "file"):
+        return str(Path(local_file_uri_to_path(artifact_root)).resolve() / path)
+    if tracking_uri.startswith(("http://", "https://")):
+        query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+        return f"{tracking_uri.rstrip('/')}/get-artifact?{query}"
+    return f"{artifact_root.rstrip('/')}/{path}"
 
 
 class MLflowCallback(Callback):

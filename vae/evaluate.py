@@ -43,7 +43,8 @@ from vae.data import ImageBatches, ImageData, Split, eval_split, load_dataset
 from vae.device import get_device
 from vae.figures import write_figures
 from vae.files import write_atomic
-from vae.likelihood import elbo_and_latents, iw_bound, iw_log_weights, iw_nll
+from vae.likelihood import (elbo_and_latents, iw_bound, iw_log_weights, iw_nll, likelihood_protocol,
+                            likelihood_reference)
 from vae.progress import Progress
 from vae.metrics import (ACTIVE_UNIT_THRESHOLD, active_units, class_entropy, encode_means, frechet_distance,
                          linear_probe, sample_quality)
@@ -210,6 +211,10 @@ def _main(argv=None) -> int:
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
+    loss, binarize = cfg.loss.reconstruction_loss_type, cfg.data.binarize
+    if args.k:  # what the iw_nll number above is (the nelbo and recon share its unit)
+        print(f"likelihoods: {likelihood_protocol(loss, binarize, args.k, args.max_test_images)} "
+              f"({likelihood_reference(loss, binarize)})")
     print(out / "metrics.json")
     if not args.no_figures:
         with Progress(progress).stage(f"figures into {out}"):

@@ -9,6 +9,10 @@
 With the Bernoulli (BCE) decoder −log p(x|z) is the binary cross-entropy; with the MSE decoder it
 is a Gaussian of unit variance around the decoded image, whose constant puts 392·ln 2π ≈ 720.4
 nats under every NLL of 28×28 images (not comparable with published binarised-MNIST numbers).
+
+Whatever prints a likelihood says what it is with :func:`likelihood_unit` (the unit, per decoder),
+:func:`likelihood_protocol` (bound, k, images, binarisation) and :func:`likelihood_reference`
+(what good looks like), so a number never reaches a user without its meaning.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch import nn
 from vae.losses import gaussian_kl, log_normal, log_px_given_z
 from vae.model import VAE
 
-__all__ = ["elbo_and_latents", "iw_bound", "iw_log_weights", "iw_nll"]
+__all__ = ["elbo_and_latents", "iw_bound", "iw_log_weights", "iw_nll", "likelihood_protocol", "likelihood_reference",
+           "likelihood_unit"]
 
 
 @torch.no_grad()
@@ -100,3 +105,47 @@ def elbo_and_latents(model: nn.Module, batches: Iterable, loss_type: str, seed: 
     kl_dims = torch.cat(kl)
     return {"recon": torch.cat(recon), "kl": kl_dims.sum(1), "mu": torch.cat(mus), "kl_per_dim": kl_dims.mean(0),
             "labels": torch.cat(labels)}
+
+
+# Anchors for :func:`likelihood_reference` (docs/evaluation.md#units-and-protocols, BENCHMARKS.md).
+PUBLISHED_VAE_NATS = 86.76  # 1-layer VAE, dynamically binarised MNIST, IW bound (Burda et al. 2015)
+BENCHMARK_PRESET_NATS = 80.65  # the `benchmark` preset after 42 min on 2 CPU cores, k = 1,000 (BENCHMARKS.md)
+GAUSSIAN_CONSTANT_NATS = 392 * math.log(2 * math.pi)  # 720.4: the unit-variance Gaussian's share of an NLL
+
+
+def likelihood_unit(loss_type: str, binarize: str = "none", trainer: bool = False) -> str:
+    """The unit of a likelihood (NLL, NELBO, IW bound) under a config's decoder and binarisation.
+
+    Args:
+        trainer: a number the trainer logged (``train/*``, ``val/*``) rather than the evaluation
+            (``test/*``): for the MSE decoder those are squared errors plus KL, not nats.
+    """
+    if loss_type == "mse" and trainer:
+        return "squared error plus KL per image (the MSE decoder's training loss: not nats, not a likelihood)"
+    if loss_type == "mse":
+        return (f"nats per image under a unit-variance Gaussian (MSE) decoder, including its "
+                f"{GAUSSIAN_CONSTANT_NATS:.1f}-nat constant: not comparable with binarised-MNIST results")
+    if binarize in ("static", "dynamic"):
+        return f"nats per image, Bernoulli decoder, {binarize}ally binarised images"
+    return "nats per image, Bernoulli decoder on grey levels (not binarised: not comparable with published results)"
+
+
+def likelihood_protocol(loss_type: str, binarize: str, k: int, n_images: int = 0) -> str:
+    """How an IW bound was measured: ``IW bound, k=1000, first 500 test images binarised once ...``.
+
+    Args:
+        n_images: the first N test images (0 = all).
+    """
+    images = f"first {n_images:,} test images" if n_images else "all test images"
+    drawn = " binarised once with a fixed seed" if binarize in ("static", "dynamic") else ""
+    return f"IW bound, k={k:,}, {images}{drawn}; {likelihood_unit(loss_type, binarize)}"
+
+
+def likelihood_reference(loss_type: str, binarize: str) -> str:
+    """What good looks like for a bound under this protocol (lower is always better)."""
+    if loss_type == "mse":
+        return f"lower is better; {GAUSSIAN_CONSTANT_NATS:.1f} of it is the Gaussian's constant"
+    if binarize in ("static", "dynamic"):
+        return (f"lower is better; a published 1-layer VAE: {PUBLISHED_VAE_NATS:.1f}; "
+                f"--preset benchmark: {BENCHMARK_PRESET_NATS:.1f}")
+    return "lower is better"

@@ -18,7 +18,9 @@ def test_cli_writes_metrics_json_and_figures(tiny_run, tiny_data_dir, tmp_path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test/nelbo", "test/iw_nll_k3", "test/probe_acc"} <= set(metrics) and "test/fid_cls" not in metrics
     assert (out / "loss_curves.png").stat().st_size > 0 and (out / "latent_pca.png").stat().st_size > 0
-    assert "test/iw_nll_k3:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test/iw_nll_k3:" in printed
+    assert "likelihoods: IW bound, k=3, all test images; nats per image" in printed  # what the number is
 
 
 def test_cli_exits_2_with_one_line_for_a_missing_checkpoint(tmp_path, capsys):

@@ -76,3 +76,16 @@ def test_models_uris_name_a_version_or_an_alias(client, run_id, checkpoint, tiny
     assert by_number.version == by_alias.version == version.version
     with pytest.raises(ValueError, match="expected models:/"):
         registry.version_from_uri(client, "runs:/abc/model")
+
+
+def test_registration_warns_nothing_about_type_hints_and_the_model_still_predicts(client, run_id, checkpoint,
+                                                                                  tiny_config):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        version = registry.log_and_register(client, run_id, checkpoint, tiny_config)
+        model = registry.load_pyfunc(registry.model_uri(version), client)
+    assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    assert model.predict(x, params={"output": "latent_mean"}).shape == (3, tiny_config["latent_dim"])

@@ -77,3 +77,22 @@ def test_decision_is_a_prefect_artifact(outcomes):
 def test_no_version_is_deleted(outcomes, module_client):
     versions = module_client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+
+
+def test_cli_output_is_strict_json_and_a_summary_that_names_the_protocol(outcomes):
+    import json
+
+    from pipelines import console
+    from pipelines.retraining import summary_text
+
+    first = outcomes[0]  # no champion yet: its score is NaN, which `json.dumps` would write as NaN
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    parsed = json.loads(console.dumps(first), parse_constant=refuse)
+    assert parsed["champion_score"] is None and parsed["challenger_score"] == pytest.approx(first["challenger_score"])
+    text = summary_text(first)
+    assert text.startswith("retraining promoted: no champion yet") and "none before this run" in text
+    assert "IW bound, k=8, first 100 test images" in text and "nats per image" in text
+    assert "champion was: version 1" in summary_text(outcomes[1])

@@ -120,3 +120,47 @@ def test_second_run_reuses_the_cached_data_and_takes_the_challenger_alias(runs, 
         second["model_version"]["version"]
     versions = module_client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]  # nothing deleted
+
+
+def test_summary_artifacts_list_openable_figures_and_a_metrics_table(runs):
+    import json
+    from pathlib import Path
+
+    second = runs[1].result()
+    markdown = prefect_artifact("vae-training-summary").data
+    assert "Likelihoods: IW bound, k=8, first 100 test images binarised once with a fixed seed" in markdown
+    listed = [line.split("`")[1] for line in markdown.splitlines() if line.startswith("- ") and ".png`" in line]
+    assert sorted(Path(p).stem for p in listed) == sorted(Path(p).stem for p in second["figures"].values())
+    assert set(FIGURES) <= {Path(p).stem for p in listed}
+    assert all(Path(p).is_file() and second["run_id"] in p for p in listed)
+    table = prefect_artifact("vae-training-metrics")
+    assert table.type == "table"
+    rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    assert rows["test/iw_nll_k8"] == pytest.approx(second["metrics"]["test/iw_nll_k8"], rel=1e-5)
+
+
+def test_demo_summary_explains_the_score_and_prints_paths_and_commands_that_open(out, module_client):
+    from pathlib import Path
+
+    from pipelines.demo import summary
+
+    text = summary(out, module_client, 1.0)
+    assert f"test/iw_nll_k8 = {out['metrics']['test/iw_nll_k8']:.2f} nats per image" in text
+    assert "IW bound, k=1,000, first 500 test images binarised once with a fixed seed" in text  # the demo's protocol
+    assert "lower is better" in text and "published 1-layer VAE: 86.8" in text
+    figures = [line.strip() for line in text.splitlines() if line.strip().endswith(".png")]
+    assert len(figures) == len(out["figures"]) and all(Path(p).is_absolute() and Path(p).is_file() for p in figures)
+    commands = [line for line in text.splitlines() if " -m " in line]
+    assert commands and all(".venv/bin/python -m " in line for line in commands)
+    assert Path(out["best_model_path"]).is_file() and out["best_model_path"] in text
+
+
+def test_artifact_links_are_local_paths_server_urls_or_the_stores_uri(tmp_path):
+    local = tracking.artifact_location("sqlite:///x.db", (tmp_path / "a" / "r1" / "artifacts").as_uri(), "r1",
+                                       "figures/reconstructions.png")
+    assert local == str(tmp_path.resolve() / "a" / "r1" / "artifacts" / "figures" / "reconstructions.png")
+    served = tracking.artifact_location("http://127.0.0.1:5000/", "mlflow-artifacts:/1/r1/artifacts", "r1",
+                                        "figures/reconstructions.png")
+    assert served == "http://127.0.0.1:5000/get-artifact?path=figures%2Freconstructions.png&run_uuid=r1"
+    assert tracking.artifact_location("postgresql://db", "s3://bucket/r1/artifacts", "r1", "figures/x.png") == \
+        "s3://bucket/r1/artifacts/figures/x.png"
