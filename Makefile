@@ -76,7 +76,7 @@ $(VENV)/.dashboard-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dashboard]"
 	@touch $@
 
-dashboard: install $(VENV)/.dashboard-installed  ## optuna-dashboard of the sweeps' storage on 127.0.0.1:8080 (installs the dashboard extra)
+dashboard: install $(VENV)/.dashboard-installed  ## the Optuna dashboard of the sweeps' storage on 127.0.0.1:8080 (installs the dashboard extra)
 	$(VENV)/bin/optuna-dashboard "$$($(PY) -c 'from tuning.options import default_storage; print(default_storage())')" \
 	  --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
