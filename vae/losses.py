@@ -27,7 +27,12 @@ def reconstruction_loss(recon_x: torch.Tensor, x: torch.Tensor, loss_type: Recon
     if loss_type == "mse":
         total = F.mse_loss(recon_x, x, reduction="sum")
     elif loss_type == "bce":
-        total = F.binary_cross_entropy(recon_x, x, reduction="sum")
+        try:
+            total = F.binary_cross_entropy(recon_x, x, reduction="sum")
+        except RuntimeError:  # torch refuses probabilities outside [0, 1]: NaN ones mean training diverged
+            if torch.isfinite(recon_x).all():
+                raise
+            total = recon_x.sum() * float("nan")  # a NaN loss, which the trainer reports with its remedies
     else:
         raise ValueError(f"loss_type must be 'mse' or 'bce', got {loss_type!r}")
     return total / x.shape[0]

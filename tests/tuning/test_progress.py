@@ -27,8 +27,8 @@ def test_sweep_prints_a_line_per_trial_epoch_when_progress_is_on(tiny_options, c
 
 
 def test_sweep_is_quiet_per_epoch_when_off_or_not_on_a_terminal(tiny_options, capsys):
-    for progress in (False, None):  # None: stdout (captured here) is no terminal
-        run_sweep(tiny_options(n_trials=1, progress=progress, fixed={"num_epochs": 1}))
+    for total, progress in ((1, False), (2, None)):  # None: stdout (captured here) is no terminal
+        run_sweep(tiny_options(n_trials=total, progress=progress, fixed={"num_epochs": 1}))  # n_trials: the total
     out = capsys.readouterr().out
     assert "trial   0 complete" in out and "trial   1 complete" in out  # the per-trial lines stay
     assert " epoch 1/1 " not in out and " started " not in out

@@ -247,3 +247,20 @@ def test_build_loss_maps_loss_type_to_its_class(loss_type, cls):
     assert type(loss_fn) is cls and loss_fn.loss_type == "bce"
     if cls is DisentangledVAELoss:
         assert loss_fn.dataset_size == 1234 and loss_fn.beta_end == 3.0
+
+
+def test_bce_of_diverged_probabilities_is_a_nan_loss_not_a_torch_error():
+    """NaN decoder outputs (training diverged) give a NaN loss the trainer reports with its remedies;
+    torch's own check would raise 'all elements of input should be between 0 and 1' instead."""
+    x = torch.rand(2, 1, 4, 4).round()
+    probs = torch.full((2, 1, 4, 4), 0.3, requires_grad=True)
+    assert torch.isclose(reconstruction_loss(probs, x, "bce"),
+                         torch.nn.functional.binary_cross_entropy(probs, x, reduction="sum") / 2)
+    diverged = probs.detach().clone()
+    diverged[0, 0, 0, 0] = float("nan")
+    diverged.requires_grad_(True)
+    loss = reconstruction_loss(diverged, x, "bce")
+    assert torch.isnan(loss)
+    loss.backward()  # the trainer steps before its periodic NaN check: the graph must stay usable
+    with pytest.raises(RuntimeError, match="between 0 and 1"):  # finite but invalid probabilities still fail
+        reconstruction_loss(torch.full((2, 1, 4, 4), 1.5), x, "bce")
