@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 import tracking
 from pipelines import registry, tasks
 from vae.checkpoint import load_model
-from vae.config import validate_config
+from vae.config import ConfigError, validate_config
 from vae.device import get_device
 from vae.paired import held_out_images, paired_difference, per_image_scores
 
@@ -57,7 +57,11 @@ def load_champion() -> dict[str, Any] | None:
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The config keys (run-only keys aside) whose values differ, sorted."""
-    a, b = validate_config(old).to_dict(), validate_config(new).to_dict()
+    try:
+        a = validate_config(old).to_dict()
+    except ConfigError:  # written by older code: nothing can be shown to be the same
+        return ["the champion's config (no longer valid)"]
+    b = validate_config(new).to_dict()
     return sorted(k for k in set(a) | set(b) if k not in RUN_ONLY_KEYS and a.get(k) != b.get(k))
 
 
@@ -109,8 +113,9 @@ def compare_on_validation(champion: dict[str, Any] | None, challenger_model: str
     cfg = validate_config(config)
     device = get_device(cfg.run.device)
     data = tasks.load_data(data_ref)
+    champion_split = validate_config(champion["config"]).to_dict()
     images = held_out_images(data.train_images, data.train_labels, {k: config[k] for k in SPLIT_KEYS},
-                             {k: champion["config"][k] for k in SPLIT_KEYS}, max_images)
+                             {k: champion_split[k] for k in SPLIT_KEYS}, max_images)
     challenger, _ = load_model(challenger_model, device)
     champ = registry.load_vae(champion["uri"], tracking.get_client()).to(device)
     protocol = dict(loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize, k=iw_k, seed=cfg.run.seed)

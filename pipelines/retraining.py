@@ -41,6 +41,7 @@ from vae.cli import run_cli
 from vae.config import ConfigError, validate_config
 from vae.likelihood import likelihood_protocol, likelihood_reference
 
+
 def newest_study() -> str:
     """The most recently started study in the tuning storage (``tuning.options.default_storage``)."""
     summaries = optuna.get_all_study_summaries(storage=default_storage())

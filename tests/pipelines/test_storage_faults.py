@@ -48,11 +48,10 @@ def small_disk(tmp_path):
 
 def fill(disk: Path) -> None:
     """Write until the file system is full (ENOSPC)."""
-    with open(disk / "filler", "wb") as f:
+    with open(disk / "filler", "ab", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 4096)
         except OSError as e:
             assert e.errno == errno.ENOSPC
 
@@ -96,56 +95,66 @@ def test_a_disk_that_fills_mid_training_leaves_metrics_file_and_mlflow_agreeing(
     assert load_checkpoint(trainer.last_path)["epoch"] == 1
 
 
-@pytest.fixture(scope="module")
-def cli_faults(prefect_harness, tiny_data_dir, empty_store_db, tmp_path_factory):
-    """Three ``pipelines.training`` commands at once: the run folder on a read-only file system;
-    the MLflow store emptied to 0 bytes; the store damaged. Each: (exit code, output, store file,
-    its SHA-256 before)."""
-    from prefect.settings import PREFECT_API_URL
-
-    root = tmp_path_factory.mktemp("faults")
-    read_only = mount_tmpfs(root / "read-only", "ro,size=1m")
-    stores = {name: root / name for name in ("read-only-run", "emptied", "damaged")}
-    for store in stores.values():
-        store.mkdir()
-        shutil.copy(empty_store_db, store / "mlflow.db")
-    (stores["emptied"] / "mlflow.db").write_bytes(b"")
-    with open(stores["damaged"] / "mlflow.db", "r+b") as f:  # garbage over pages 3 to 6
-        f.seek(2 * 4096)
-        f.write(b"\xa5" * 4 * 4096)
-    procs, before = {}, {name: sha256(store / "mlflow.db") for name, store in stores.items()}
-    for name, store in stores.items():
-        env = {**os.environ, "VAE_MLRUNS_DIR": str(store), "PREFECT_API_URL": PREFECT_API_URL.value()}
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.training", "--data_dir", str(tiny_data_dir), "--checkpoint_dir",
-             str(read_only if name == "read-only-run" else root / "ck"), *FLAGS], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = {}
-    for name, proc in procs.items():
-        text, _ = proc.communicate(timeout=300)
-        out[name] = (proc.returncode, text, stores[name] / "mlflow.db", before[name])
-    yield out
-    subprocess.run(["umount", "-l", str(read_only)], check=True)
+def damage(db: Path) -> None:
+    """Garbage after the 100-byte header: over the page that holds the schema."""
+    with open(db, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xa5" * (4096 - 100))
 
 
-@pytest.mark.parametrize("fault,words", [("emptied", "is empty (0 bytes)"), ("damaged", "is damaged")])
-def test_a_broken_mlflow_store_is_refused_in_one_line_and_left_as_it_was(cli_faults, fault, words):
-    rc, out, db, digest = cli_faults[fault]
-    assert rc == 2 and len(out.strip().splitlines()) == 1, out
-    assert out.startswith(f"error: MLflow store {db} {words}") and "move it aside" in out and "backup" in out, out
-    assert sha256(db) == digest
+def test_an_emptied_mlflow_store_is_refused_in_one_line_and_left_as_it_was(tiny_data_dir, tmp_path):
+    store = tmp_path / "mlruns"
+    store.mkdir()
+    (store / "mlflow.db").write_bytes(b"")
+    env = {**os.environ, "VAE_MLRUNS_DIR": str(store), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # no flow may start
+    done = subprocess.run([sys.executable, "-m", "pipelines.training", "--data_dir", str(tiny_data_dir), *FLAGS],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and len(out.strip().splitlines()) == 1, out
+    assert out.startswith(f"error: MLflow store {store / 'mlflow.db'} is empty (0 bytes)"), out
+    assert "move it aside" in out and "backup" in out
+    assert (store / "mlflow.db").stat().st_size == 0 and sorted(p.name for p in store.iterdir()) == [
+        ".schema.lock", "mlflow.db"]  # nothing created over it or beside it
 
 
-def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(cli_faults):
-    from mlflow.tracking import MlflowClient
-
+def test_a_damaged_mlflow_store_is_refused_in_one_line_and_left_as_it_was(empty_store_db, tmp_path, monkeypatch,
+                                                                         capfd):
     import tracking
+    from vae.cli import run_cli
 
-    rc, out, db, _ = cli_faults["read-only-run"]
-    assert rc == 2 and "Traceback" not in out and "Finished in state Failed" not in out, out
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("error: cannot write ") and "Read-only file system (" in last and "MB free on" in last, out
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(empty_store_db, db)
+    damage(db)
+    before = sha256(db)
+    monkeypatch.setenv("VAE_MLRUNS_DIR", str(db.parent))
+    assert run_cli(lambda argv: tracking.get_client() and 0) == 2  # what every command does before a flow starts
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: MLflow store {db} is damaged (") and len(err.strip().splitlines()) == 1, err
+    assert "move it aside" in err and sha256(db) == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system of its own."""
+    yield mount_tmpfs(tmp_path / "read-only", "ro,size=1m")
+    subprocess.run(["umount", "-l", str(tmp_path / "read-only")], check=True)
+
+
+def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(prefect_harness, client, read_only_dir,
+                                                                           tiny_data_dir, capfd):
+    import tracking
+    from pipelines import training
+    from vae.cli import run_cli
+
+    from prefect.logging.configuration import ensure_logging_setup
+
+    with capfd.disabled():
+        ensure_logging_setup()  # Prefect's console handlers keep the session's stderr, not this test's capture
+    argv = ["--data_dir", str(tiny_data_dir), "--checkpoint_dir", str(read_only_dir), *FLAGS]
+    assert run_cli(training._main, argv) == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {read_only_dir}/pipeline/") and "Read-only file system (" in last
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_FAILURE_REASON].startswith("StorageError: ")
     train = task_runs(run.data.tags[tracking.TAG_FLOW_RUN_ID])["train"]
