@@ -116,6 +116,8 @@ class VAETrainer:
         for stale in self.run_dir.glob(".*.tmp"):  # a process killed mid-save leaves its temporary file
             stale.unlink(missing_ok=True)
         loop = self._build(state)
+        if state is not None:  # a kill between last.pth and metrics.jsonl: the file catches up with the checkpoint
+            self._write_metrics()
         for cb in self.callbacks:
             cb.on_train_start(self)
         with stop_on_signals(self), fast.retained_heap(self.cfg.run.fast and self.cfg.run.retain_memory):
@@ -201,9 +203,12 @@ class VAETrainer:
         if is_best:  # best before last: a kill between the two makes resume redo this epoch,
             self._save_best(epoch, metrics)  # not skip a best_model.pth it never wrote
         self._save_last(epoch)
-        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
+        self._write_metrics()
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, metrics)
+
+    def _write_metrics(self) -> None:
+        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
 
     def _check_run_dir(self) -> dict[str, Any] | None:
         """The checkpoint to resume from, or None for a fresh run; refuses to clobber a run."""
