@@ -8,7 +8,8 @@ part-way leaves only its temporary file, which readers never open.
 A write that fails because of the disk itself (full, read-only, not permitted, over a size
 limit) raises :class:`StorageError`: one line naming the file and the free space, since no retry
 can fix it. ``torch.save`` reports such a failure as a ``RuntimeError`` (``[enforce fail at
-inline_container.cc]``) with the OS's message inside; :func:`storage_fault` recognises both forms.
+inline_container.cc:672] . unexpected pos ...``) whose context holds the ``OSError``, or whose
+message holds the OS's words; :func:`storage_fault` recognises every form.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        fault = _storage_error(e, path)  # the free space as the write failed, before the partial file goes
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        fault = _storage_error(e, path)
         if fault is not None:
             raise fault from e
         raise
