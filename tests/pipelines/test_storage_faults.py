@@ -159,3 +159,26 @@ def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(pref
     assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_FAILURE_REASON].startswith("StorageError: ")
     train = task_runs(run.data.tags[tracking.TAG_FLOW_RUN_ID])["train"]
     assert train.run_count == 1  # not retried: no retry makes a read-only disk writable
+
+
+def test_a_run_folder_under_a_regular_file_is_one_storage_error(tmp_path):
+    # Needs no mount: a path through a regular file is ENOTDIR for root as for anyone.
+    from vae.files import write_atomic
+
+    (tmp_path / "file").write_text("not a folder")
+    target = tmp_path / "file" / "run" / "metrics.jsonl"
+    with pytest.raises(StorageError) as caught:
+        write_atomic(target, "{}\n")
+    assert caught.value.errno == errno.ENOTDIR
+    assert str(caught.value).startswith(f"cannot write {target}: Not a directory (") and "MB free on" in str(caught.value)
+
+
+def test_the_store_check_refuses_what_is_not_sqlite_and_passes_a_healthy_or_new_store(empty_store_db, tmp_path):
+    from tracking.store import StoreDamagedError, check_local_store
+
+    check_local_store(empty_store_db)
+    check_local_store(tmp_path / "new" / "mlflow.db")  # missing: a new store
+    text = tmp_path / "mlflow.db"
+    text.write_text("these are not the runs you are looking for")
+    with pytest.raises(StoreDamagedError, match=f"MLflow store {text} is not an SQLite database; restore"):
+        check_local_store(text)
