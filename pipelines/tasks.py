@@ -11,7 +11,8 @@
   mean, MLflow link, the figures as images or openable paths) and a table of the metrics.
 - ``register``: :func:`pipelines.registry.log_and_register`.
 
-Tasks retry on transient I/O errors (``OSError``) only: a bad config or bad data fails at once.
+Tasks retry on transient I/O errors (``OSError``) only: a bad config, bad data or a full or
+read-only disk fails at once.
 All MLflow calls go through ``MlflowClient`` with the run id (tasks run in worker threads).
 """
 
@@ -37,18 +38,19 @@ from vae.data import FILES, ImageData, load_dataset
 from vae.device import get_device
 from vae.evaluate import evaluate as vae_evaluate
 from vae.figures import write_figures
-from vae.files import atomic_write
+from vae.files import atomic_write, storage_fault
 from vae.train import VAETrainer
 
 DATA_CACHE_VERSION = 1  # bump when the cached tensors' layout changes
 
 
 def transient_io_error(task, task_run, state) -> bool:
-    """Retry condition: the task failed with an ``OSError`` (disk, network, locked file)."""
+    """Retry condition: the task failed with an ``OSError`` (network, locked file), but not a full,
+    read-only or forbidden disk (:func:`vae.files.storage_fault`), which no retry can fix."""
     try:
         state.result()
-    except OSError:
-        return True
+    except OSError as e:
+        return storage_fault(e) is None
     except BaseException:  # noqa: BLE001 - anything else (bad config, bad data, bugs) is final
         return False
     return False

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sqlite3
 import urllib.parse
 from pathlib import Path
 from typing import Mapping
@@ -80,10 +82,47 @@ def get_client() -> MlflowClient:
 _READY_STORES: set[str] = set()  # local store URIs whose schema this process has seen ready
 
 
+class StoreDamagedError(UserError, RuntimeError):
+    """The local MLflow store's database is empty or damaged: refused, never replaced."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_local_store(db: Path) -> None:
+    """Refuse a store file that MLflow would misread: 0 bytes (SQLite and MLflow would silently make a
+    new, empty store over it, orphaning its artifacts), not SQLite, or failing ``PRAGMA quick_check``.
+    A missing file is fine: a new store. The file is only read.
+
+    Raises:
+        StoreDamagedError: naming the file and how to recover.
+    """
+    if not db.exists():
+        return
+    recover = (f"restore {db.name} from a backup, or move it aside (mv {db} {db}.damaged) to start a new, "
+               f"empty store")
+    with open(db, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if not header:
+        raise StoreDamagedError(f"MLflow store {db} is empty (0 bytes): its runs and models are gone; {recover}")
+    if header != SQLITE_HEADER:
+        raise StoreDamagedError(f"MLflow store {db} is not an SQLite database; {recover}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+            result = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        result = [str(e)]
+    if result != ["ok"]:
+        raise StoreDamagedError(f"MLflow store {db} is damaged ({'; '.join(result)[:200]}); {recover}")
+
+
 def _open_local_store_once(uri: str) -> MlflowClient:
     """Open a local store under an exclusive file lock: processes that start at once on a new
-    SQLite store would otherwise race on creating its schema (one of them crashes)."""
+    SQLite store would otherwise race on creating its schema (one of them crashes). The file is
+    checked first (:func:`check_local_store`), under the lock: a store being created is never
+    seen half-made."""
     with exclusive_file_lock(local_store_dir() / ".schema.lock"):
+        check_local_store(Path(uri[len("sqlite:///"):]))
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates or migrates the tables
         client.search_registered_models(max_results=1)  # and the registry's
     return client

@@ -8,6 +8,7 @@ rebuilds the VAE that a checkpoint's stored config describes.
 from __future__ import annotations
 
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,10 @@ import torch
 
 from vae.config import ConfigError, validate_config
 from vae.errors import UserError
-from vae.files import atomic_write
+from vae.files import StorageError, atomic_write
 from vae.model import VAE
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "last_saved", "load_checkpoint", "load_model", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -35,10 +36,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         path: destination file; its folder is created.
     Returns:
         The path written.
+    Raises:
+        StorageError: the disk refused the write (full, read-only, ...); the message names the file,
+            the free space and the last checkpoint saved in that folder (what a resume starts from).
     """
-    with atomic_write(path) as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+    except StorageError as e:
+        err = StorageError(e.errno, f"{e.strerror}; {last_saved(Path(path).parent)}")
+        err.filename = e.filename
+        raise err from e.__cause__
     return Path(path)
+
+
+def last_saved(folder: Path) -> str:
+    """``last checkpoint saved: <file> (epoch N, written at HH:MM:SS)``: the newest ``*.pth`` in
+    ``folder`` (intact: every checkpoint is written atomically), or that there is none."""
+    found = sorted(folder.glob("*.pth"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        return f"no checkpoint saved yet in {folder}"
+    newest = found[-1]
+    try:
+        epoch = f"epoch {torch.load(newest, map_location='cpu', weights_only=True, mmap=True)['epoch']}, "
+    except Exception:  # noqa: BLE001 - the name and time still say which file to resume from
+        epoch = ""
+    written = time.strftime("%H:%M:%S", time.localtime(newest.stat().st_mtime))
+    return f"last checkpoint saved: {newest} ({epoch}written at {written})"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -223,15 +223,20 @@ def split_train_val(data: ImageData, val_size: int = 5000, seed: int = 42,
 
     ``max_train_samples`` > 0 keeps only the first N training images before splitting.
     """
+    train_idx, val_idx = split_indices(len(data.train_images), val_size, seed, max_train_samples)
     images, labels = data.train_images, data.train_labels
-    if max_train_samples:
-        images, labels = images[:max_train_samples], labels[:max_train_samples]
-    if val_size >= len(images):
-        raise DataError(f"val_size {val_size} leaves no training images: the training set has {len(images)}; "
-                        f"lower val_size")
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
     return Split(images[train_idx], labels[train_idx]), Split(images[val_idx], labels[val_idx])
+
+
+def split_indices(num_images: int, val_size: int = 5000, seed: int = 42,
+                  max_train_samples: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into the training set of :func:`split_train_val`'s split:
+    what a model trained with this split saw, and what it was validated on."""
+    n = min(num_images, max_train_samples) if max_train_samples else num_images
+    if val_size >= n:
+        raise DataError(f"val_size {val_size} leaves no training images: the training set has {n}; lower val_size")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
 
 
 def static_binarize(images: torch.Tensor, seed: int = 0) -> torch.Tensor:

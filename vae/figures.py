@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from vae.data import ImageBatches, ImageData, Split, eval_split
+from vae.files import atomic_write
 from vae.likelihood import elbo_and_latents
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, active_units
 
@@ -36,8 +37,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -72,8 +73,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, title: str, nrow: in
     ax.set_axis_off()
     fig.text(0.5, 1 - 5 / (height * scale + title_px), "\n".join(lines), ha="center", va="top", fontsize=12)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, metadata={"Title": title})
+    with atomic_write(path) as f:  # a full disk: a StorageError naming the file, never half a PNG
+        fig.savefig(f, format="png", dpi=dpi, metadata={"Title": title})
     return path
 
 

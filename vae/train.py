@@ -116,6 +116,8 @@ class VAETrainer:
         for stale in self.run_dir.glob(".*.tmp"):  # a process killed mid-save leaves its temporary file
             stale.unlink(missing_ok=True)
         loop = self._build(state)
+        if state is not None:  # a kill between last.pth and metrics.jsonl: the file catches up with the checkpoint
+            self._write_metrics()
         for cb in self.callbacks:
             cb.on_train_start(self)
         with stop_on_signals(self), fast.retained_heap(self.cfg.run.fast and self.cfg.run.retain_memory):
@@ -157,7 +159,6 @@ class VAETrainer:
         self.scheduler = create_lr_scheduler(self.optimizer, cfg.train.lr_scheduler,
                                              num_epochs * len(train_batches), cfg.train.warmup_steps)
         self._start = self._restore(state) if state is not None else (1, 0, None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))  # `--resume` reads it
         forward = torch.compile(model.forward_with_z) if cfg.run.compile else model.forward_with_z
         fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
@@ -191,19 +192,23 @@ class VAETrainer:
         return "completed"
 
     def _end_epoch(self, epoch: int, loop: _Loop, metrics: dict[str, float]) -> None:
-        """Record the epoch: history, metrics file, samples, checkpoints, callbacks."""
+        """Record the epoch: samples, checkpoints, then the metrics file and the callbacks (trackers)
+        together, so that a failed write (a full disk) leaves both without the epoch, never one."""
         self.history.append({"epoch": epoch, "step": self.global_step, **metrics})
         is_best = metrics["val/nelbo"] < self.best
         self.best = min(self.best, metrics["val/nelbo"])
-        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
         every = self.cfg.run.sample_every
         if every and (epoch % every == 0 or epoch == loop.num_epochs):
             self._save_samples(loop.fixed_z, epoch)
         if is_best:  # best before last: a kill between the two makes resume redo this epoch,
             self._save_best(epoch, metrics)  # not skip a best_model.pth it never wrote
         self._save_last(epoch)
+        self._write_metrics()
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, metrics)
+
+    def _write_metrics(self) -> None:
+        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
 
     def _check_run_dir(self) -> dict[str, Any] | None:
         """The checkpoint to resume from, or None for a fresh run; refuses to clobber a run."""

@@ -3,6 +3,7 @@ evaluation protocol (the probe's training images, the fast path)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from prefect import flow, task
 
 from pipelines.tasks import RETRY, data_cache_key, evaluate_model
 from vae.config import ConfigError, validate_config
+from vae.files import StorageError
 
 
 def _attempts(error: Exception) -> int:
@@ -32,6 +34,15 @@ def _attempts(error: Exception) -> int:
 
 def test_tasks_retry_on_transient_io_errors(prefect_harness):
     assert _attempts(OSError("disk briefly unavailable")) == 2
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError(errno.EROFS, "Read-only file system"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                                                "writing file data/0: file write failed: No space left on device"),
+                                   StorageError(errno.ENOSPC, "cannot write last.pth: No space left on device")])
+def test_tasks_do_not_retry_a_full_or_read_only_disk(prefect_harness, error):
+    assert _attempts(error) == 1
 
 
 def test_tasks_do_not_retry_bad_config(prefect_harness):
