@@ -122,8 +122,8 @@ def _likelihood_metrics(model: nn.Module, batches: ImageBatches, loss_type: str,
     out = _elbo_metrics(stats)
     if k > 0:
         with report.stage(f"IW bound, k = {k} ({len(stats['recon'])} images)"):
-            bound = iw_bound(model, report.track(batches, f"IW bound k={k}", total=len(batches)), k, loss_type,
-                             seed, iw_chunk)
+            with report.counter(f"IW bound k={k}", total=len(batches.images) * k, unit="sample") as tick:
+                bound = iw_bound(model, batches, k, loss_type, seed, iw_chunk, tick)
         out[f"iw_nll_k{k}"] = float(bound.mean())
         out[f"iw_nll_k{k}_se"] = float(bound.std() / math.sqrt(len(bound))) if len(bound) > 1 else 0.0
     return out, stats

@@ -18,7 +18,7 @@ Whatever prints a likelihood says what it is with :func:`likelihood_unit` (the u
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,11 +32,13 @@ __all__ = ["elbo_and_latents", "iw_bound", "iw_log_weights", "iw_nll", "likeliho
 
 @torch.no_grad()
 def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, chunk: int = 1024,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None,
+                   tick: Callable[[int], object] | None = None) -> torch.Tensor:
     """log w_s = log p(x|z_s) + log p(z_s) − log q(z_s|x), z_s ~ q(z|x), s = 1..k: shape (B, k).
 
     The k samples are decoded in chunks of at most ``max(chunk, B)`` images per forward pass, so
-    memory stays bounded for any k (k = 5,000 included).
+    memory stays bounded for any k (k = 5,000 included). ``tick(n)`` is called after each chunk
+    with the number of (image, sample) pairs it decoded (a progress bar's ``update``).
     """
     mu, log_var = model.encode(x)
     std = torch.exp(0.5 * log_var)
@@ -52,15 +54,18 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(-1)
         log_qz = log_normal(z, mu, log_var).sum(-1)
         out.append((log_px + log_pz - log_qz).T)
+        if tick is not None:
+            tick(n * x.shape[0])
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
 def iw_bound(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: int = 0,
-             chunk: int = 1024) -> torch.Tensor:
+             chunk: int = 1024, tick: Callable[[int], object] | None = None) -> torch.Tensor:
     """Per-image importance-weighted bound −log (1/k) Σ_s w_s ≥ −log p(x), nats, shape (N,).
 
-    Computed with log-sum-exp over the k log-weights. ``batches`` yields ``(x, labels)``.
+    Computed with log-sum-exp over the k log-weights. ``batches`` yields ``(x, labels)``; ``tick``
+    as in :func:`iw_log_weights` (k per image in all).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -69,7 +74,7 @@ def iw_bound(model: nn.Module, batches: Iterable, k: int, loss_type: str, seed: 
     for x, _ in batches:
         if gen is None:
             gen = torch.Generator(device=x.device).manual_seed(seed)
-        log_w = iw_log_weights(model, x, k, loss_type, chunk, gen)
+        log_w = iw_log_weights(model, x, k, loss_type, chunk, gen, tick)
         out.append((math.log(k) - torch.logsumexp(log_w.double(), dim=1)).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 

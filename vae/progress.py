@@ -12,11 +12,11 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TextIO, TypeVar
+from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "format_seconds", "is_terminal"]
+__all__ = ["Progress", "format_seconds", "is_terminal", "terminal_size"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,13 @@ def is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def terminal_size() -> dict[str, int]:
+    """tqdm's ``ncols``/``nrows``: tqdm hides a bar on a terminal that reports 0 rows (a pty without a
+    size, e.g. under `script` or an IDE); shutil's size falls back to 80 x 24 there."""
+    size = shutil.get_terminal_size()
+    return {"ncols": size.columns, "nrows": size.lines}
 
 
 def format_seconds(seconds: float) -> str:
@@ -73,8 +80,16 @@ class Progress:
         """``items`` with a bar (count, rate, ETA) when on; ``items`` itself when off."""
         if not self.enabled:
             return items
-        # tqdm hides a bar on a terminal that reports 0 rows (a pty without a size, e.g. under
-        # `script` or an IDE): give it shutil's size, which falls back to 80 x 24 there.
-        size = shutil.get_terminal_size()
         return tqdm(items, desc=f"{self.prefix}: {desc}", total=total, file=self.stream, leave=False,
-                    mininterval=0.5, ncols=size.columns, nrows=size.lines)
+                    mininterval=0.5, **terminal_size())
+
+    @contextmanager
+    def counter(self, desc: str, total: int, unit: str = "it") -> Iterator[Callable[[int], object] | None]:
+        """A bar over ``total`` units, advanced by the callable it yields (``None`` when off): for
+        work that reports its own steps, such as the IW bound's decoder passes."""
+        if not self.enabled:
+            yield None
+            return
+        with tqdm(total=total, desc=f"{self.prefix}: {desc}", unit=unit, unit_scale=True, file=self.stream,
+                  leave=False, mininterval=0.5, **terminal_size()) as bar:
+            yield bar.update

@@ -43,6 +43,7 @@ from vae.loop import TRAIN_KEYS, VAL_KEYS, NonFiniteLossError, train_one_epoch, 
 from vae.losses import build_loss
 from vae.model import VAE
 from vae.optim import create_lr_scheduler, create_optimizer
+from vae.progress import terminal_size
 
 __all__ = ["Callback", "NonFiniteLossError", "RunExistsError", "TRAIN_KEYS", "VAL_KEYS", "VAETrainer", "build_parser",
            "cli", "train_one_epoch", "validate"]
@@ -172,7 +173,7 @@ class VAETrainer:
             loop.train_batches.set_epoch(epoch)
             t0 = time.perf_counter()
             with tqdm(total=len(loop.train_batches), initial=start_batch, desc=f"epoch {epoch}/{loop.num_epochs}",
-                      disable=not cfg.run.progress, leave=False, dynamic_ncols=True) as bar:
+                      disable=not cfg.run.progress, leave=False, **terminal_size()) as bar:
                 out = train_one_epoch(self.model, self.loss_fn, self.optimizer, self.scheduler, loop.train_batches,
                                       ema=self.ema, max_grad_norm=cfg.train.max_grad_norm, start_batch=start_batch,
                                       acc=acc, log_every=cfg.run.log_every, amp=cfg.run.amp,

@@ -32,7 +32,7 @@ def test_evaluate_prints_each_stage_with_its_time_when_on(tiny_model, tiny_data,
     for line in STAGES:
         assert line in err
     assert err.count(": done in ") == len(STAGES)
-    assert "evaluate: IW bound k=2:" in err and "/2 [" in err  # a bar over the two test batches
+    assert "evaluate: IW bound k=2:" in err and "/100 [" in err  # a bar over 50 images x 2 samples
 
 
 def test_evaluate_prints_nothing_when_off_or_not_on_a_terminal(tiny_model, tiny_data, tiny_classifier, capsys):
@@ -122,3 +122,18 @@ def test_cli_honours_the_configs_progress_false_and_forces_progress_on(tiny_run,
     assert "evaluate:" not in written[0]
     _cli(tiny_run["best_model_path"], tiny_data_dir, tmp_path, "--progress")  # stderr captured: no terminal
     assert "evaluate: linear probe (encode 100 training images, fit) ..." in capsys.readouterr().err
+
+
+def test_the_iw_bound_ticks_every_image_sample_pair_and_computes_the_same_bound(tiny_model, tiny_data):
+    """The bound's bar advances per decoder pass (a 500-image batch is minutes at k = 1,000), and
+    counting changes nothing: same draws, same numbers."""
+    import torch
+
+    from vae.likelihood import iw_bound
+
+    x = (tiny_data.test_images[:30].float().unsqueeze(1) / 255 > 0.5).float()
+    batches = [(x[:20], None), (x[20:], None)]
+    ticks = []
+    counted = iw_bound(tiny_model, batches, k=7, loss_type="bce", seed=3, chunk=40, tick=ticks.append)
+    assert sum(ticks) == 30 * 7 and len(ticks) > 2
+    assert torch.equal(counted, iw_bound(tiny_model, batches, k=7, loss_type="bce", seed=3, chunk=40))
