@@ -65,7 +65,7 @@ def test_a_user_loads_the_champion_by_alias_through_mlflow_tracking_uri(client, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION}")
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
-    assert model.predict(x).shape == (2, 1, 28, 28)
+    assert model.predict(x)["reconstruction"].shape == (2, 1, 28, 28)
     assert model.metadata.run_id == run_id and model.metadata.model_id.startswith("m-")
 
 
@@ -88,4 +88,4 @@ def test_registration_warns_nothing_about_type_hints_and_the_model_still_predict
         model = registry.load_pyfunc(registry.model_uri(version), client)
     assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    assert model.predict(x, params={"output": "latent_mean"}).shape == (3, tiny_config["latent_dim"])
+    assert model.predict(x, params={"output": "latent_mean"})["latent_mean"].shape == (3, tiny_config["latent_dim"])
