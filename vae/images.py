@@ -37,10 +37,11 @@ def _from_array(array: np.ndarray, path: Path) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
     if array.dtype.kind != "f":
         raise ImageFileError(f"{path}: expected uint8 (0-255) or float (0-1) pixels, got dtype {array.dtype}")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise ImageFileError(f"{path}: float pixels must be finite and within [0, 1] "
-                             f"(got min {np.nanmin(array):.3g}, max {np.nanmax(array):.3g}, NaN or inf: "
-                             f"{not np.isfinite(array).all()})")
+    if not np.isfinite(array).all():
+        raise ImageFileError(f"{path}: contains NaN or infinite pixels; float pixels must be finite, in [0, 1]")
+    if array.min() < 0 or array.max() > 1:
+        raise ImageFileError(f"{path}: float pixels must be in [0, 1], got min {array.min():.3g}, "
+                             f"max {array.max():.3g} (uint8 arrays hold 0-255)")
     return torch.from_numpy(np.rint(array.astype(np.float64) * 255).astype(np.uint8))
 
 
@@ -55,7 +56,10 @@ def _read_npy(path: Path) -> tuple[torch.Tensor, bytes]:
 
 def _read_idx(path: Path) -> tuple[torch.Tensor, bytes]:
     content = _read_bytes(path)
-    count = check_idx(content, path, "images")
+    try:
+        count = check_idx(content, path, "images")
+    except DataError as e:
+        raise ImageFileError(f"{e} (expected an IDX image file, a .npy array or a folder of PNGs)") from None
     array = np.frombuffer(content, dtype=np.uint8, offset=16).reshape(count, SIZE, SIZE)
     if count == 0:
         raise ImageFileError(f"{path}: holds no images")

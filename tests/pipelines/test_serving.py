@@ -33,7 +33,8 @@ from vae.train import VAETrainer
 def _register(client, tiny_data_dir, folder: Path, alias: str, **overrides) -> tuple:
     cfg = {**get_default_config(), "data_dir": str(tiny_data_dir), "checkpoint_dir": str(folder),
            "hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "num_epochs": 1, "val_size": 100,
-           "progress": False, "sample_every": 0, **overrides}
+           "progress": False, "sample_every": 0, "reconstruction_loss_type": "bce", "binarize": "dynamic",
+           **overrides}
     checkpoint = VAETrainer(validate_config(cfg), []).train()["best_model_path"]
     run_id = client.create_run(tracking.ensure_experiment(client, "tiny-serving")).info.run_id
     version = registry.log_and_register(client, run_id, checkpoint, cfg, alias=alias)
@@ -63,10 +64,10 @@ def test_every_output_equals_the_library_and_names_the_version(champion, images)
         np.testing.assert_allclose(got[output], want.numpy(), rtol=1e-5, atol=1e-6)
     scores = model.predict(images, params={"output": "anomaly_score", "k": 16, "seed": 3})
     metrics = evaluate(vae, Split(torch.from_numpy(make_digits(6, 7)[0]), torch.zeros(6, dtype=torch.long)),
-                       k=16, seed=3, probe=False, fid=False)
+                       binarize="dynamic", k=16, seed=3, probe=False, fid=False)
     assert scores["nelbo"].mean() == pytest.approx(metrics["test/nelbo"], rel=1e-6)
     assert scores["iw_bound"].mean() == pytest.approx(metrics["test/iw_nll_k16"], rel=1e-9)
-    lib = anomaly_scores(vae, x, k=16, seed=3)
+    lib = anomaly_scores(vae, x, binarize="dynamic", k=16, seed=3)
     np.testing.assert_array_equal(scores["complexity_corrected"], complexity_corrected(lib["iw_bound"], x).numpy())
     samples = model.predict(images[:1], params={"output": "samples", "n": 5, "seed": 9})["samples"]
     np.testing.assert_array_equal(samples, vae.sample(5, generator=torch.Generator().manual_seed(9)).numpy())

@@ -76,13 +76,13 @@ def test_read_images_from_idx_npy_and_png_folders(tmp_path):
 def _bad_files(tmp_path):
     np.save(tmp_path / "shape.npy", np.zeros((3, 32, 32), np.uint8))
     np.save(tmp_path / "nan.npy", np.full((2, 28, 28), np.nan, np.float32))
-    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    np.save(tmp_path / "text.npy", np.full((2, 28, 28), "a"))
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
     (tmp_path / "short-idx3-ubyte").write_bytes(idx_bytes(make_digits(3, 0)[0])[:-10])
     (tmp_path / "pngs").mkdir()
     Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "pngs" / "big.png")
     (tmp_path / "empty").mkdir()
-    return {"missing.npy": "no such file", "shape.npy": "expected images of shape", "nan.npy": "finite",
+    return {"missing.npy": "no such file", "shape.npy": "expected images of shape", "nan.npy": "NaN or infinite",
             "text.npy": "dtype", "broken.npy": "not a readable .npy", "short-idx3-ubyte": "truncated",
             "pngs": "30x30 pixels, expected 28x28", "empty": "no .png files"}
 
