@@ -66,7 +66,7 @@ def test_a_user_loads_the_champion_by_alias_through_mlflow_tracking_uri(client, 
     model = mlflow.pyfunc.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION}")
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
     answer = model.predict(x)
-    assert answer["reconstruction"].shape == (2, 1, 28, 28) and answer["model_version"] == version.version
+    assert answer["reconstruction"].shape == (2, 1, 28, 28) and answer["model_version"] == str(version.version)
     assert model.metadata.run_id == run_id and model.metadata.model_id.startswith("m-")
 
 

@@ -5,6 +5,7 @@ bad ones."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -84,6 +85,19 @@ def test_the_autoregressive_decoder_reconstructs_teacher_forced(module_client, t
     assert model.predict(images, params={"output": "anomaly_score"})["nelbo"].shape == (6,)
 
 
+def test_the_base64_form_gives_what_the_float_form_gives(champion, images):
+    model = champion[1]
+    grey = np.rint(images * 255).astype(np.uint8)
+    blank, b64 = np.zeros((1, 1, 28, 28), np.float32), base64.b64encode(grey.tobytes()).decode()
+    fast = model.predict(blank, params={"images_b64": b64, "encoding": "uint8_b64"})
+    assert fast["shape"] == [6, 1, 28, 28] and fast["encoding"] == "uint8_b64"
+    recon = np.frombuffer(base64.b64decode(fast["reconstruction"]), np.uint8).reshape(6, 1, 28, 28)
+    want = model.predict(grey / np.float32(255))["reconstruction"]
+    np.testing.assert_array_equal(recon, np.rint(want * 255).astype(np.uint8))
+    scores = model.predict(blank, params={"images_b64": b64, "output": "anomaly_score"})
+    np.testing.assert_array_equal(scores["nelbo"], model.predict(images, params={"output": "anomaly_score"})["nelbo"])
+
+
 BAD = [  # (images, params, what the message says)
     (np.zeros((2, 784), np.float32), None, "shape"),
     (np.full((1, 1, 28, 28), np.nan, np.float32), None, "NaN"),
@@ -91,6 +105,9 @@ BAD = [  # (images, params, what the message says)
     (np.zeros((1, 1, 28, 28), np.float32), {"output": "everything"}, "must be one of"),
     (np.zeros((1, 1, 28, 28), np.float32), {"output": "samples", "n": 10**6}, "params['n']"),
     (np.zeros((200, 1, 28, 28), np.float32), {"output": "anomaly_score", "k": 10**4}, "k x images"),
+    (np.zeros((1, 1, 28, 28), np.float32), {"images_b64": "AAAA"}, "expected N x 784"),
+    (np.zeros((1, 1, 28, 28), np.float32), {"images_b64": "not base64!"}, "not base64"),
+    (np.zeros((1, 1, 28, 28), np.float32), {"encoding": "png"}, "params['encoding']"),
 ]
 
 
