@@ -90,3 +90,13 @@ def test_registration_warns_nothing_about_type_hints_and_the_model_still_predict
     assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     assert model.predict(x, params={"output": "latent_mean"})["latent_mean"].shape == (3, tiny_config["latent_dim"])
+
+
+def test_a_failed_upload_leaves_no_version_behind(client, run_id, tmp_path):
+    """The version is created before the files (its number goes into them): if they cannot be
+    written, the version is deleted again and the logged model marked FAILED."""
+    with pytest.raises(Exception):
+        registry.log_and_register(client, run_id, tmp_path / "absent.pth", {"latent_dim": 4})
+    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    (logged,) = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id])
+    assert logged.status == LoggedModelStatus.FAILED

@@ -35,7 +35,7 @@ def _register(client, tiny_data_dir, folder: Path, alias: str, **overrides) -> t
     cfg = {**get_default_config(), "data_dir": str(tiny_data_dir), "checkpoint_dir": str(folder),
            "hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "num_epochs": 1, "val_size": 100,
            "progress": False, "sample_every": 0, "reconstruction_loss_type": "bce", "binarize": "dynamic",
-           **overrides}
+           "max_train_samples": 300, **overrides}
     checkpoint = VAETrainer(validate_config(cfg), []).train()["best_model_path"]
     run_id = client.create_run(tracking.ensure_experiment(client, "tiny-serving")).info.run_id
     version = registry.log_and_register(client, run_id, checkpoint, cfg, alias=alias)
@@ -76,7 +76,7 @@ def test_every_output_equals_the_library_and_names_the_version(champion, images)
 
 def test_the_autoregressive_decoder_reconstructs_teacher_forced(module_client, tiny_data_dir, tmp_path, images):
     version, model = _register(module_client, tiny_data_dir, tmp_path, "ar-test", decoder="autoregressive",
-                               ar_channels=4, max_train_samples=300)
+                               ar_channels=4)
     vae, x = model.unwrap_python_model().vae, torch.from_numpy(images)
     got = model.predict(images)
     with torch.no_grad():
