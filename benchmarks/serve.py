@@ -40,11 +40,15 @@ CASES = [("reconstruction", 1, "float"), ("reconstruction", 256, "float"), ("rec
 
 
 def register_small(root: Path) -> str:
-    """A small-preset model registered as champion in a store under ``root``; returns its URI."""
+    """A small-preset model registered as champion in a store under ``root`` (``$VAE_MLRUNS_DIR``
+    from now on, so the server finds it); returns its URI."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.conftest import write_idx_dataset  # the test suite's tiny IDX writer
 
     data = write_idx_dataset(root / "data")
+    # After that import: tests/conftest.py clears VAE_MLRUNS_DIR and MLFLOW_TRACKING_URI when imported.
+    os.environ.update(VAE_MLRUNS_DIR=str(root / "mlruns"), VAE_CACHE_DIR=str(root / "cache"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     cfg = {**PRESETS["small"](), "data_dir": str(data), "checkpoint_dir": str(root / "ck"), "num_epochs": 1,
            "val_size": 100, "progress": False, "sample_every": 0, "experiment_name": "serve-bench"}
     checkpoint = VAETrainer(validate_config(cfg), []).train()["best_model_path"]
@@ -123,8 +127,6 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers of the server")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    os.environ.update(VAE_MLRUNS_DIR=str(root / "mlruns"), VAE_CACHE_DIR=str(root / "cache"))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     uri = register_small(root)
     model = registry.load_pyfunc(uri)
     proc, port = start_server(uri, args.workers)
