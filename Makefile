@@ -103,7 +103,7 @@ server: install  ## a Prefect server on 127.0.0.1:4200 (PREFECT_PORT=...; state 
 pool: install  ## create the `vae-pool` process work pool on the server
 	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) --no-prompt work-pool create $(POOL) --type process --overwrite
 
-deploy: install  ## prefect deploy --all: vae-train, vae-retrain-nightly (03:00 UTC), vae-sweep
+deploy: install  ## prefect deploy --all: vae-train, vae-retrain-nightly (03:00 UTC), vae-sweep, vae-score
 	PREFECT_API_URL=$(PREFECT_API) $(PREFECT) --no-prompt deploy --all
 
 worker: install  ## a process worker on vae-pool (Ctrl-C stops it)
@@ -126,3 +126,22 @@ stack-down:  ## stop what stack-up started (STACK_PURGE=1 also drops its databas
 
 stack-status:  ## the stack's processes, URLs and health
 	PY=$(PY) scripts/stack.sh status
+
+# Using the champion (docs/serving.md): `make serve` answers HTTP requests with MLflow's scoring
+# server; `make score INPUT=images.npy` scores a file with the vae-score flow. ALIAS=challenger or
+# MODEL=models:/vae-mnist/3 pick another version; HOST=0.0.0.0 exposes the server deliberately.
+ALIAS ?= champion
+MODEL_URI = $(if $(filter models:/%,$(MODEL)),$(MODEL),models:/vae-mnist@$(ALIAS))
+HOST ?= 127.0.0.1
+SERVE_PORT ?= 5001
+SERVE_WORKERS ?= 1
+INPUT ?=
+.PHONY: serve score
+serve: install  ## serve models:/vae-mnist@champion (ALIAS=..., MODEL=models:/...) on 127.0.0.1:5001 with mlflow models serve (Ctrl-C stops it)
+	PATH="$(abspath $(VENV))/bin:$$PATH" MLFLOW_TRACKING_URI="$$($(PY) -c 'from tracking import tracking_uri; print(tracking_uri())')" \
+	  $(VENV)/bin/mlflow models serve -m '$(MODEL_URI)' --env-manager local --host $(HOST) --port $(SERVE_PORT) \
+	  --workers $(SERVE_WORKERS)
+
+score: install  ## anomaly scores of INPUT=file (IDX, .npy, PNG folder) by the champion (the vae-score flow)
+	@[ -n '$(INPUT)' ] || { echo "make score: pass INPUT=path (an IDX file, a .npy array or a folder of PNGs)" >&2; exit 2; }
+	$(PY) -m pipelines.scoring '$(INPUT)' --model '$(MODEL_URI)' $(ARGS)

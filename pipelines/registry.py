@@ -1,7 +1,8 @@
 """The model registry: log a trained VAE as an MLflow model, register it, move aliases, load it back.
 
 Format: a pyfunc "model from code" (:mod:`pipelines.vae_pyfunc`) with the trainer's checkpoint
-as its artifact and the flat config as its ``model_config``, not ``mlflow.pytorch``. That
+as its artifact and the flat config (plus the registered name and version) as its
+``model_config``, not ``mlflow.pytorch``. That
 flavour's default ``pt2`` format fails on the VAE's tuple-returning forward and loads back as a
 ``GraphModule`` without ``encode``/``decode``; its ``pickle`` format loads the class, but
 unpickling runs code. The checkpoint is a plain dict of tensors that
@@ -37,6 +38,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.tracking import MlflowClient
 
 import tracking
+from pipelines import vae_pyfunc
 from vae.checkpoint import load_model
 
 PYFUNC_CODE = Path(__file__).with_name("vae_pyfunc.py")
@@ -49,54 +51,66 @@ def _pip_requirements() -> list[str]:
 
 
 def _signature_and_example(checkpoint: str | Path) -> tuple[Any, np.ndarray]:
-    """Two blank images in, their reconstructions out; ``output`` as an inference parameter."""
+    """Two blank images in; the inference parameters (``output``, ``k``, ``n``, ``seed``) with
+    their defaults, so ``/invocations`` and the MLflow UI show what a request may ask for. No
+    output schema: the output is a dict whose keys depend on ``output`` (:mod:`pipelines.vae_pyfunc`)."""
     model, _ = load_model(checkpoint, "cpu")
     example = np.zeros((2, model.in_channels, model.image_size, model.image_size), dtype=np.float32)
-    with torch.no_grad():
-        output = model.decode(model.encode(torch.from_numpy(example))[0]).numpy()
-    return infer_signature(example, output, params={"output": "reconstruction"}), example
+    return infer_signature(example, params=dict(vae_pyfunc.PARAMS)), example
 
 
-def _log_model(client: MlflowClient, run_id: str, checkpoint: str | Path, config: Mapping[str, Any]) -> Any:
-    """Save the pyfunc model into a temporary folder and upload it as a logged model of the run
-    (named ``model``, its output); returns the READY logged model."""
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
-                                        params=dict(run.data.params))
+def _save_and_upload(client: MlflowClient, logged: Any, run_id: str, checkpoint: str | Path,
+                     model_config: Mapping[str, Any]) -> None:
+    """Save the pyfunc model into a temporary folder and upload it as the logged model's files."""
     signature, example = _signature_and_example(checkpoint)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                         model_id=logged.model_id)
-            mlflow.pyfunc.save_model(
-                Path(tmp) / MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
-                model_config=dict(config), signature=signature, input_example=example,
-                pip_requirements=_pip_requirements(), mlflow_model=meta)
-            client.log_model_artifacts(logged.model_id, str(Path(tmp) / MODEL_ARTIFACT))
-    except BaseException:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                     model_id=logged.model_id)
+        mlflow.pyfunc.save_model(
+            Path(tmp) / MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
+            model_config=dict(model_config), signature=signature, input_example=example,
+            pip_requirements=_pip_requirements(), mlflow_model=meta)
+        client.log_model_artifacts(logged.model_id, str(Path(tmp) / MODEL_ARTIFACT))
 
 
-def log_and_register(client: MlflowClient, run_id: str, checkpoint: str | Path, config: Mapping[str, Any],
-                     tags: Mapping[str, str] | None = None, alias: str | None = tracking.CHALLENGER) -> ModelVersion:
-    """Log ``checkpoint`` as the run's model, register it as ``vae-mnist``, point ``alias`` at it.
-
-    The logged model has a signature, an input example and the flat config (``model_config``).
-    Returns:
-        The new model version (the registry's, with ``tags`` set on it).
-    """
-    logged = _log_model(client, run_id, checkpoint, config)
+def _new_version(client: MlflowClient, run_id: str, logged: Any, tags: Mapping[str, str] | None) -> ModelVersion:
     try:
         client.create_registered_model(tracking.MODEL_NAME)
     except MlflowException as e:  # registered by an earlier run (or another process just now)
         if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
     # The source is the files' location: a models:/<id> source is resolved through the global URI.
-    version = client.create_model_version(tracking.MODEL_NAME, source=logged.artifact_location, run_id=run_id,
-                                          tags=dict(tags or {}), model_id=logged.model_id)
+    return client.create_model_version(tracking.MODEL_NAME, source=logged.artifact_location, run_id=run_id,
+                                       tags=dict(tags or {}), model_id=logged.model_id)
+
+
+def log_and_register(client: MlflowClient, run_id: str, checkpoint: str | Path, config: Mapping[str, Any],
+                     tags: Mapping[str, str] | None = None, alias: str | None = tracking.CHALLENGER) -> ModelVersion:
+    """Log ``checkpoint`` as the run's model (named ``model``, its output), register it as
+    ``vae-mnist``, point ``alias`` at it.
+
+    The version is created first and its number written into the model's ``model_config``
+    (:data:`pipelines.vae_pyfunc.VERSION_KEY`), so a served model says which version answered.
+    The files are uploaded next; if that fails the version is deleted and the logged model
+    marked FAILED, so no version points at missing files for longer than the upload.
+    Returns:
+        The new model version (the registry's, with ``tags`` set on it).
+    """
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
+                                        params=dict(run.data.params))
+    version = None
+    try:
+        version = _new_version(client, run_id, logged, tags)
+        serving = {vae_pyfunc.NAME_KEY: tracking.MODEL_NAME, vae_pyfunc.VERSION_KEY: str(version.version)}
+        _save_and_upload(client, logged, run_id, checkpoint, {**config, **serving})
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        if version is not None:
+            client.delete_model_version(tracking.MODEL_NAME, version.version)
+        raise
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     if alias:
         client.set_registered_model_alias(tracking.MODEL_NAME, alias, version.version)
     return client.get_model_version(tracking.MODEL_NAME, version.version)
@@ -159,4 +173,4 @@ def version_config(client: MlflowClient, version: ModelVersion) -> dict[str, Any
     config = meta.flavors.get("python_function", {}).get("config") or getattr(meta, "model_config", None)
     if not config:
         raise ValueError(f"{model_uri(version)} carries no training config")
-    return dict(config)
+    return {key: value for key, value in config.items() if key not in (vae_pyfunc.NAME_KEY, vae_pyfunc.VERSION_KEY)}

@@ -1,4 +1,4 @@
-"""Every shell command README.md, docs/tuning.md and docs/pipelines.md show works when pasted into a
+"""Every shell command README.md, docs/tuning.md, docs/pipelines.md and docs/serving.md show works when pasted into a
 fresh shell in the checkout, after ``make demo``.
 
 How it runs: the checkout's files (``git ls-files``) are copied into a temporary folder whose
@@ -34,7 +34,7 @@ import pytest
 from tests.conftest import write_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "docs/tuning.md", "docs/pipelines.md")
+PAGES = ("README.md", "docs/tuning.md", "docs/pipelines.md", "docs/serving.md")
 _BLOCK = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 # make targets checked with `make -n`, and what they run with --help or an import (an empty list: no
 # more). They serve until Ctrl-C, are the demo or the suite themselves, or need `make server`/the stack.
@@ -45,6 +45,8 @@ DRY = {
     "pool": [], "deploy": [], "run-deployment": [],
     "dashboard": ["-c", "import tuning.options"],
     "stack-up": [], "stack-down": [], "stack-status": [],
+    # serve: until Ctrl-C; score: needs a registered champion (tests/pipelines/test_scoring.py runs the flow).
+    "serve": ["-m", "mlflow", "models", "serve", "--help"], "score": ["-m", "pipelines.scoring", "--help"],
 }
 # Commands that need services this test does not start: (page, start of the command, why).
 NOT_HERE = [
@@ -52,6 +54,7 @@ NOT_HERE = [
     ("docs/tuning.md", "S=postgresql", "a PostgreSQL server"),
     ("docs/tuning.md", ".venv/bin/python -m tuning --storage $S", "a PostgreSQL server"),
     ("docs/tuning.md", ".venv/bin/prefect deployment run", "a Prefect server with the deployment and a worker"),
+    ("docs/serving.md", "curl -s http://127.0.0.1:5001/invocations", "a running make serve"),
 ]
 FLOWS = ("-m pipelines.training", "-m pipelines.retraining", "from tuning.flow import vae_sweep")
 

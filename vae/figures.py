@@ -25,7 +25,8 @@ from vae.likelihood import elbo_and_latents
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, active_units
 
 __all__ = ["loss_curves_figure", "plot_interpolations", "plot_kl_per_dim", "plot_latent_grid", "plot_latent_pca",
-           "plot_loss_curves", "plot_prior_samples", "plot_reconstructions", "plot_traversals", "save_image_grid",
+           "plot_loss_curves", "plot_prior_samples", "plot_reconstructions", "plot_score_histograms",
+           "plot_traversals", "save_image_grid",
            "write_figures"]
 
 
@@ -219,6 +220,20 @@ def loss_curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
         ax.grid(alpha=0.3)
     fig.suptitle(f"Training curves ({len(history)} epochs)")
     return fig
+
+
+def plot_score_histograms(groups: Mapping[str, torch.Tensor], path: str | Path, title: str,
+                          xlabel: str = "score (nats per image; higher = more unusual)") -> Path:
+    """Overlaid histograms of per-image scores, one per group (in- vs out-of-distribution)."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    values = torch.cat([g.double().flatten() for g in groups.values()])
+    bins = torch.linspace(float(values.min()), float(values.max()) + 1e-9, 61).numpy()
+    for name, group in groups.items():
+        ax.hist(group.double().numpy(), bins=bins, alpha=0.55, label=f"{name} ({len(group):,})")
+    ax.set(title=title, xlabel=xlabel, ylabel="images")
+    ax.legend()
+    return _save(fig, path)
 
 
 def plot_latent_pca(mu: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:

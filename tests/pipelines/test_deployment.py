@@ -62,6 +62,7 @@ def test_deployment_run_completes_and_its_mlflow_run_appears(loop, tiny_data_dir
 def test_all_three_deployments_exist_and_the_nightly_one_is_scheduled(loop):
     assert loop.deployment("vae-training", "vae-train")["work_pool_name"] == "vae-pool"
     assert loop.deployment("vae-sweep", "vae-sweep")["work_pool_name"] == "vae-pool"
+    assert loop.deployment("vae-scoring", "vae-score")["entrypoint"] == "pipelines/scoring.py:vae_score"
     nightly = loop.deployment("vae-retraining", "vae-retrain-nightly")
     (schedule,) = nightly["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["schedule"]["timezone"] == "UTC"

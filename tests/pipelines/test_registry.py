@@ -65,7 +65,8 @@ def test_a_user_loads_the_champion_by_alias_through_mlflow_tracking_uri(client, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION}")
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
-    assert model.predict(x).shape == (2, 1, 28, 28)
+    answer = model.predict(x)
+    assert answer["reconstruction"].shape == (2, 1, 28, 28) and answer["model_version"] == str(version.version)
     assert model.metadata.run_id == run_id and model.metadata.model_id.startswith("m-")
 
 
@@ -88,4 +89,14 @@ def test_registration_warns_nothing_about_type_hints_and_the_model_still_predict
         model = registry.load_pyfunc(registry.model_uri(version), client)
     assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    assert model.predict(x, params={"output": "latent_mean"}).shape == (3, tiny_config["latent_dim"])
+    assert model.predict(x, params={"output": "latent_mean"})["latent_mean"].shape == (3, tiny_config["latent_dim"])
+
+
+def test_a_failed_upload_leaves_no_version_behind(client, run_id, tmp_path):
+    """The version is created before the files (its number goes into them): if they cannot be
+    written, the version is deleted again and the logged model marked FAILED."""
+    with pytest.raises(Exception):
+        registry.log_and_register(client, run_id, tmp_path / "absent.pth", {"latent_dim": 4})
+    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    (logged,) = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id])
+    assert logged.status == LoggedModelStatus.FAILED

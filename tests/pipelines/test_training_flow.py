@@ -100,8 +100,8 @@ def test_registered_model_has_signature_input_example_and_predicts(out, module_c
     assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
     assert model.metadata.saved_input_example_info is not None
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    assert model.predict(x).shape == (3, 1, 28, 28)
-    assert model.predict(x, params={"output": "latent_mean"}).shape == (3, 4)
+    assert model.predict(x)["reconstruction"].shape == (3, 1, 28, 28)
+    assert model.predict(x, params={"output": "latent_mean"})["latent_mean"].shape == (3, 4)
 
 
 def test_summary_is_a_prefect_markdown_artifact_linking_the_run(runs):
