@@ -46,7 +46,7 @@ DRY = {
     "dashboard": ["-c", "import tuning.options"],
     "stack-up": [], "stack-down": [], "stack-status": [],
     # serve: until Ctrl-C; score: needs a registered champion (tests/pipelines/test_scoring.py runs the flow).
-    "serve": ["-m", "mlflow", "models", "serve", "--help"], "score": ["-m", "pipelines.scoring", "--help"],
+    "serve": ["-m", "mlflow", "models", "serve", "--help"], "score": ["-c", "import pipelines.scoring"],
 }
 # Commands that need services this test does not start: (page, start of the command, why).
 NOT_HERE = [
@@ -226,7 +226,7 @@ def test_serving_targets_programs_start(user_checkout):
     for program in checks:
         _check(subprocess.run(program, cwd=root, env=env, capture_output=True, text=True, timeout=120),
                " ".join(program))
-    assert len(checks) == 4  # the imports; mlflow ui, prefect server start, prefect worker start --help
+    assert len(checks) == 5  # the imports; mlflow ui, mlflow models serve, prefect server start, worker start --help
 
 
 def test_make_sample_without_a_demo_model_says_what_to_do(user_checkout, tmp_path):
