@@ -15,6 +15,7 @@ the command continuing it (``python -m pipelines.training --resume <run id>``).
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -70,7 +71,7 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
         return []
     ended = []
     for run in client.search_runs(experiment_ids, filter_string=(
-            f"attributes.status = 'RUNNING' and tags.`{tracking.TAG_PROCESS_HOST}` != ''")):
+            f"attributes.status = 'RUNNING' and tags.`{tracking.TAG_PROCESS_HOST}` = '{socket.gethostname()}'")):
         if not tracking.process_died(run.data.tags):
             continue
         folder = run.data.tags.get(tracking.TAG_CHECKPOINT_DIR)
@@ -117,5 +118,9 @@ def _main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> None:
+    sys.exit(run_cli(_main, argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(_main))
+    cli()

@@ -177,9 +177,12 @@ def reopen_run(run_id: str) -> dict[str, str]:
         raise ResumeError(f"cannot resume run {run_id}: it is RUNNING in process "
                           f"{run.data.tags.get(tracking.TAG_PROCESS_PID, '?')} on "
                           f"{run.data.tags.get(tracking.TAG_PROCESS_HOST, '?')}")
+    reason = run.data.tags.get(tracking.TAG_FAILURE_REASON)
     client.update_run(run_id, status="RUNNING")
-    for key, value in {**tracking.process_tags(), "resumed_from": run.info.status}.items():
+    for key, value in {**tracking.process_tags(), "resumed_from": f"{run.info.status}: {reason or ''}"[:5000]}.items():
         client.set_tag(run_id, key, value)
+    if reason is not None:  # it is running again: a reason would now mislead
+        client.delete_tag(run_id, tracking.TAG_FAILURE_REASON)
     return {"run_id": run_id, "experiment_id": run.info.experiment_id, "run_name": run.info.run_name,
             "artifact_uri": run.info.artifact_uri}
 
