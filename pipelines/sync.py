@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tracking
@@ -59,9 +60,21 @@ def deliver_all(client: MlflowClient, checkpoint_dir: str | Path) -> dict[str, i
     posted = {}
     for path in sorted((Path(checkpoint_dir) / PIPELINE_DIR).glob(f"*/{OUTBOX_FILE}")):
         outbox = tracking.Outbox(path.parent, path.parent.name)
-        if outbox.pending():
+        if outbox.pending() and _in_store(client, outbox.run_id):
             posted[outbox.run_id] = tracking.deliver_pending(client, outbox, HANDLERS)
     return posted
+
+
+def _in_store(client: MlflowClient, run_id: str) -> bool:
+    """Whether this store holds the run: an outbox of a run tracked elsewhere (the user switched
+    ``MLFLOW_TRACKING_URI``) waits for its own store rather than being refused by this one."""
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ from torch import nn
 
 import tracking
 from pipelines import registry, sync
+from tracking.outbox import FINAL_ERRORS, short_http_requests
 from vae import fast, settings
 from vae.checkpoint import load_model
 from vae.config import Config, flatten_params, validate_config
@@ -348,17 +349,20 @@ def register(model_path: str, config: dict[str, Any], run_id: str, score: dict[s
              wait_s: float = 20.0) -> dict[str, str] | None:
     """Log the model, register a ``vae-mnist`` version, alias it ``challenger``: once the run's
     outbox has delivered everything before it (up to ``wait_s``). A server away then gets it
-    queued in the outbox instead, after the rest; returns None in that case."""
+    queued in the outbox instead, after the rest (also when it goes away during the registration:
+    delivering the record registers the run's model once); returns None in that case."""
     sender = run_sender(validate_config(config).run.checkpoint_dir, run_id)
     tags = {tracking.TAG_RUN_KIND: run_kind, **{k: f"{v:.6g}" for k, v in score.items()}}
     if sender.flush(wait_s):
         try:
-            client = tracking.get_client()
+            with short_http_requests():  # a server lost now: queued at once, not after MLflow's retries
+                version = registry.log_and_register(tracking.get_client(), run_id, model_path, config, tags=tags)
+            return {"name": version.name, "version": str(version.version), "uri": registry.model_uri(version)}
+        except MlflowException as e:
+            if e.error_code in FINAL_ERRORS:
+                raise
         except tracking.TrackingUnavailableError:
             pass
-        else:
-            version = registry.log_and_register(client, run_id, model_path, config, tags=tags)
-            return {"name": version.name, "version": str(version.version), "uri": registry.model_uri(version)}
     sender.outbox.append({"op": "register", "run_id": run_id, "model_path": str(Path(model_path).resolve()),
                           "config": config, "tags": tags, "queued_at": time.time()})
     return None
