@@ -73,6 +73,7 @@ def server(tmp_path_factory):
 def on_server(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     server.resume()
+    assert wait_for(lambda: _answers(server.url), timeout=10)
     yield server
     server.resume()
 
@@ -127,6 +128,7 @@ def test_a_flow_ending_while_the_server_is_away_says_so_and_sync_delivers_the_re
     assert out["model_version"] is None and line and "\n" not in line, out
     assert on_server.url in line and "python -m pipelines.sync" in line and out["run_id"] in line
     on_server.resume()
+    assert wait_for(lambda: _answers(on_server.url), timeout=10)
     code, stdout, err = call_cli(sync_cli, ["--checkpoint_dir", str(ckpt), "--experiment_name", "outbox-flow"], capsys)
     assert code == 0 and "delivered" in stdout, err[-3000:]
     client = tracking.get_client()
@@ -168,13 +170,15 @@ def test_a_killed_run_is_ended_by_the_next_start_and_resumes_into_the_same_run(o
     ckpt = tmp_path / "ck"
     overrides = {**TINY, "num_epochs": 500, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
                  "experiment_name": "outbox-killed"}
-    env = {**cli_env(tmp_path), "MLFLOW_TRACKING_URI": on_server.url, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([PYTHON, "-m", "tests.reliability._flow_driver",
-                             json.dumps({"overrides": overrides, **FAST_EVAL})], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**cli_env(tmp_path), "MLFLOW_TRACKING_URI": on_server.url, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([PYTHON, "-m", "tests.reliability._flow_driver",
+                                 json.dumps({"overrides": overrides, **FAST_EVAL})], env=env, cwd=ROOT,
+                                stdout=err, stderr=err, start_new_session=True)
     try:
         found = wait_for(lambda: list(ckpt.glob("pipeline/*/outbox-killed/last.pth")), timeout=120, proc=proc)
-        assert found, proc.stderr.read()[-3000:] if proc.poll() is not None else "no last.pth in 120 s"
+        assert found, log.read_text()[-3000:]
         tally("faults")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
