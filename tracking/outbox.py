@@ -10,7 +10,7 @@ post and its offset write repeats one record, and that is harmless: MLflow skips
 the same (key, value, timestamp, step), a param logged again with its value and a tag set again.
 
 While the server is away the sender retries (one short request, then a pause of 0.5 s doubling to
-5 s), and the training thread only appends to a file. Senders of one outbox, in any process, take
+2 s), and the training thread only appends to a file. Senders of one outbox, in any process, take
 turns under a file lock (``mlflow-outbox.lock``).
 
 :class:`Outbox` answers the few ``MlflowClient`` calls a run makes (``log_batch``, ``set_tag``,
@@ -269,7 +269,7 @@ class Sender:
             except Exception as e:  # noqa: BLE001 - the server is away or failing: keep the record, retry
                 self.last_error, posted = f"{type(e).__name__}: {e}"[:500], 0
                 self._stop.wait(pause)
-                pause = min(pause * 2, 5.0)
+                pause = min(pause * 2, 2.0)
                 continue
             with self.outbox.changed:
                 if posted:

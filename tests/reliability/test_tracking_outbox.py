@@ -46,10 +46,10 @@ def _answers(url: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A FaultProxy in front of a real ``mlflow server``; ``.url`` is the proxy's address."""
-    from mlflow.tracking import MlflowClient
+    from prefect.logging.configuration import ensure_logging_setup
 
+    ensure_logging_setup()  # Prefect's console handler on the session's stderr, not on a test's capsys
     root = tmp_path_factory.mktemp("mlflow-server")
-    MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").search_experiments()  # the schema, before it starts
     port = _free_port()
     proc = subprocess.Popen([PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
@@ -93,18 +93,20 @@ def test_an_outage_mid_training_blocks_no_epoch_and_every_metric_arrives_once_in
             t0 = time.monotonic()
             super().on_epoch_end(trainer, epoch, metrics)
             blocked.append(time.monotonic() - t0)
-            if epoch == 1:
-                on_server.cut(4)  # the server goes away for 4 s
             held.append(len(sender.outbox.pending()))
-            time.sleep(0.3)  # a longer epoch: the outage spans several
+            if epoch == 1:
+                on_server.cut(3600)  # the server goes away after epoch 1 ...
+            elif epoch == 4:
+                on_server.resume()  # ... and is back after epoch 4
+            time.sleep(0.1)
 
     tally("faults")
-    VAETrainer({**tiny_config, "num_epochs": 8, "sample_every": 0}, [Timed(sender.outbox, run_id)]).train()
-    assert max(held) >= 2, f"the outage held nothing back: {held}"
+    VAETrainer({**tiny_config, "num_epochs": 6, "sample_every": 0}, [Timed(sender.outbox, run_id)]).train()
+    assert held[3] >= 3, f"the outage held nothing back: {held}"
     assert max(blocked) < 1.0, f"an epoch waited on the tracking server: {blocked}"
     assert sender.close(30), sender.last_error
     history = sorted(client.get_metric_history(run_id, "val/nelbo"), key=lambda m: (m.timestamp, m.step))
-    assert [m.step for m in history] == list(range(1, 9)), "each epoch once, in order"
+    assert [m.step for m in history] == list(range(1, 7)), "each epoch once, in order"
     tally("runs_checked")
 
 
