@@ -78,9 +78,10 @@ def epoch_times(ckpt: Path) -> list[float]:
 def run_pipeline(root: Path, name: str, uri: str, epochs: int, outage=None) -> dict:
     """One pipeline run; ``outage(ckpt)`` runs in a thread beside it."""
     ckpt = root / name
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "VAE_CACHE_DIR": str(root / "cache")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "pipelines.training", "--preset", "small", "--num_epochs", str(epochs),
            "--checkpoint_dir", str(ckpt), "--experiment_name", name, "--eval_max_images", "500", "--iw_k", "100",
+           "--eval_max_train_images", "2000",
            "--progress", "false"]
     helper = threading.Thread(target=outage, args=(ckpt,), daemon=True) if outage else None
     t0 = time.monotonic()
