@@ -202,3 +202,11 @@ def test_a_killed_run_is_ended_by_the_next_start_and_resumes_into_the_same_run(o
     assert out["model_version"] and client.get_model_version(tracking.MODEL_NAME, out["model_version"]["version"]
                                                              ).run_id == run_id
     tally("runs_checked")
+
+
+def test_resuming_a_run_without_a_checkpoint_here_is_one_line(tmp_path, capsys):
+    from pipelines.training import cli
+
+    code, _, err = call_cli(cli, ["--resume", "abc123", "--checkpoint_dir", str(tmp_path / "ck")], capsys)
+    assert code == 2
+    assert_one_line_error(err, "cannot resume run abc123", str(tmp_path / "ck" / "pipeline" / "abc123"))
