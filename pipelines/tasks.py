@@ -2,7 +2,10 @@
 
 - ``prepare_data``: locate, verify (IDX header, sizes, SHA-256) and cache a dataset as tensors;
   its result is cached by the input digest (:func:`data_cache_key`).
-- ``start_run`` / ``finish_run``: the MLflow run (params, tags, dataset input) around the rest.
+- ``catch_up``: deliver what earlier runs kept while the server was away, end runs whose process
+  died (:func:`pipelines.sync.catch_up`).
+- ``start_run`` / ``reopen_run`` / ``finish_run``: the MLflow run (params, tags, dataset input)
+  around the rest; ``reopen_run`` takes a failed run up again (``--resume RUN_ID``).
 - ``train``: :class:`vae.train.VAETrainer` with :class:`tracking.MLflowCallback`.
 - ``evaluate``: :func:`evaluate_model` (:func:`vae.evaluate.evaluate` under the run's config, on
   the fast path when the config's ``fast`` is on) on the test set; metrics to the run.
@@ -13,24 +16,31 @@
 
 Tasks retry on transient I/O errors (``OSError``) only: a bad config, bad data or a full or
 read-only disk fails at once.
-All MLflow calls go through ``MlflowClient`` with the run id (tasks run in worker threads).
+All MLflow calls go through ``MlflowClient`` with the run id (tasks run in worker threads). What a
+run logs after its start (tags, metrics, figures, checkpoints, its end) goes through the run's
+outbox (:mod:`tracking.outbox`): a background sender posts it, so training never waits on the
+tracking server, and what the server missed is delivered when it is back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 import tracking
-from pipelines import registry
+from pipelines import registry, sync
+from tracking.outbox import FINAL_ERRORS, short_http_requests
 from vae import fast, settings
 from vae.checkpoint import load_model
 from vae.config import Config, flatten_params, validate_config
@@ -38,8 +48,9 @@ from vae.data import FILES, ImageData, load_dataset
 from vae.device import get_device
 from vae.evaluate import evaluate as vae_evaluate
 from vae.figures import write_figures
+from vae.errors import UserError
 from vae.files import atomic_write, storage_fault
-from vae.train import VAETrainer
+from vae.train import RESUMABLE_OVERRIDES, VAETrainer
 
 DATA_CACHE_VERSION = 1  # bump when the cached tensors' layout changes
 
@@ -113,20 +124,108 @@ def start_run(config: dict[str, Any], data_ref: dict[str, Any], run_kind: str, f
     cfg = validate_config(config)
     client = tracking.get_client()
     exp_id = tracking.ensure_experiment(client, cfg.run.experiment_name)
-    tags = tracking.environment_tags(str(get_device(cfg.run.device)), data_ref["digest"], run_kind, flow_run_id)
+    tags = {**tracking.environment_tags(str(get_device(cfg.run.device)), data_ref["digest"], run_kind, flow_run_id),
+            **tracking.process_tags()}
     run = client.create_run(exp_id, tags=tags)
     tracking.log_params(client, run.info.run_id, flatten_params(cfg))
     tracking.log_dataset(client, run.info.run_id, data_ref["dataset"], data_ref["digest"], data_ref["data_dir"],
                          {"num_train": data_ref["num_train"], "num_test": data_ref["num_test"], **data_ref["sha256"]})
-    return {"run_id": run.info.run_id, "experiment_id": exp_id, "run_name": run.info.run_name}
+    return {"run_id": run.info.run_id, "experiment_id": exp_id, "run_name": run.info.run_name,
+            "artifact_uri": run.info.artifact_uri}
+
+
+@task(name="catch-up", cache_policy=NO_CACHE, **RETRY)
+def catch_up(checkpoint_dir: str, experiment_name: str) -> str | None:
+    """Deliver the outboxes earlier runs left and end the runs whose process died (one line, or None)."""
+    line = sync.catch_up(tracking.get_client(), checkpoint_dir, experiment_name)
+    if line:
+        print(line)
+    return line
+
+
+class ResumeError(UserError, ValueError):
+    """``--resume RUN_ID`` names a run that cannot be continued (unknown, running, no checkpoint)."""
+
+
+def resumed_config(run_id: str, checkpoint_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config of pipeline run ``run_id`` (its ``config.json`` under ``checkpoint_dir``), with the
+    ``overrides`` a resumed run may change (``num_epochs``, ``device``, ...) applied.
+
+    Raises:
+        ResumeError: no checkpoint of that run is there.
+    """
+    found = sorted(sync.run_folder(checkpoint_dir, run_id).glob("*/last.pth"))
+    if not found:
+        raise ResumeError(f"cannot resume run {run_id}: no {sync.run_folder(checkpoint_dir, run_id)}/<experiment>/"
+                          f"last.pth (was it started with another --checkpoint_dir?)")
+    stored = json.loads((found[0].parent / "config.json").read_text())
+    given = {k: v for k, v in (overrides or {}).items() if k in RESUMABLE_OVERRIDES and k != "checkpoint_dir"}
+    return validate_config({**stored, **given, "checkpoint_dir": checkpoint_dir}).to_dict()
+
+
+@task(name="reopen-run", cache_policy=NO_CACHE, **RETRY)
+def reopen_run(run_id: str) -> dict[str, str]:
+    """Take up run ``run_id`` again (``RUNNING``, this process's tags); the flow continues it.
+
+    Raises:
+        ResumeError: no such run, or its process is still running it.
+    """
+    client = tracking.get_client()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ResumeError(f"cannot resume run {run_id}: the tracking store {client.tracking_uri} "
+                          f"has no such run") from None
+    if run.info.status == "RUNNING" and not tracking.process_died(run.data.tags):
+        raise ResumeError(f"cannot resume run {run_id}: it is RUNNING in process "
+                          f"{run.data.tags.get(tracking.TAG_PROCESS_PID, '?')} on "
+                          f"{run.data.tags.get(tracking.TAG_PROCESS_HOST, '?')}")
+    reason = run.data.tags.get(tracking.TAG_FAILURE_REASON)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {**tracking.process_tags(), "resumed_from": f"{run.info.status}: {reason or ''}"[:5000]}.items():
+        client.set_tag(run_id, key, value)
+    if reason is not None:  # it is running again: a reason would now mislead
+        client.delete_tag(run_id, tracking.TAG_FAILURE_REASON)
+    return {"run_id": run_id, "experiment_id": run.info.experiment_id, "run_name": run.info.run_name,
+            "artifact_uri": run.info.artifact_uri}
+
+
+def run_sender(checkpoint_dir: str, run_id: str):
+    """The sender of pipeline run ``run_id``'s outbox (in :func:`pipelines.sync.run_folder`),
+    started if need be: one per run in this process, shared by its tasks."""
+    return tracking.open_sender(sync.run_folder(checkpoint_dir, run_id), run_id, tracking.get_client(check=False),
+                                sync.HANDLERS)
+
+
+def run_outbox(checkpoint_dir: str, run_id: str) -> tracking.Outbox:
+    """The outbox of pipeline run ``run_id``, its sender started (:func:`run_sender`)."""
+    return run_sender(checkpoint_dir, run_id).outbox
+
+
+def unreachable_line(run_id: str, checkpoint_dir: str, error: str | None) -> str:
+    return (f"MLflow tracking server {tracking.tracking_uri()} did not take the last updates of run {run_id} "
+            f"({error or 'no answer'}); they are kept in {sync.run_folder(checkpoint_dir, run_id)} and "
+            f"`python -m pipelines.sync --checkpoint_dir {checkpoint_dir}` (or the next pipeline run) delivers them")
 
 
 @task(name="finish-run", cache_policy=NO_CACHE, **RETRY)
-def finish_run(run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
-    client = tracking.get_client()
+def finish_run(run_id: str, checkpoint_dir: str, status: str = "FINISHED", reason: str | None = None,
+               wait_s: float = 20.0) -> str | None:
+    """End the run through its outbox, and wait up to ``wait_s`` for the sender to deliver it all.
+
+    Returns:
+        None when everything arrived; else the one line saying the server is away and how the
+        rest gets there (also printed).
+    """
+    sender = run_sender(checkpoint_dir, run_id)
     if reason:  # a FAILED run says why, in MLflow itself
-        client.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
-    client.set_terminated(run_id, status=status)
+        sender.outbox.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
+    sender.outbox.set_terminated(run_id, status=status)
+    if sender.close(wait_s):
+        return None
+    line = unreachable_line(run_id, checkpoint_dir, sender.last_error)
+    print(line)
+    return line
 
 
 @task(name="train", cache_policy=NO_CACHE, **RETRY)
@@ -138,7 +237,10 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
     """
     cfg = validate_config(config)
     last = Path(cfg.run.checkpoint_dir) / cfg.run.experiment_name / "last.pth"
-    callback = tracking.MLflowCallback(tracking.get_client(), run_id, log_checkpoints=True)
+    # The flow gives each run the folder <checkpoint_dir>/pipeline/<run id>: the outbox's too.
+    outbox = tracking.open_sender(cfg.run.checkpoint_dir, run_id, tracking.get_client(check=False),
+                                  sync.HANDLERS).outbox
+    callback = tracking.MLflowCallback(outbox, run_id, log_checkpoints=True)
     trainer = VAETrainer(cfg, [callback], resume=last.is_file(), data=load_data(data_ref))
     result = trainer.train()
     return {k: result[k] for k in ("status", "stop_reason", "run_dir", "epochs_completed", "best_val_nelbo",
@@ -189,7 +291,7 @@ def evaluate(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], 
     metrics = evaluate_model(model, load_data(data_ref), cfg, k=k, max_test_images=max_test_images,
                              max_train_images=max_train_images, probe=probe, fid=fid)
     if run_id is not None:
-        tracking.log_metrics(tracking.get_client(), run_id, metrics)
+        tracking.log_metrics(run_outbox(cfg.run.checkpoint_dir, run_id), run_id, metrics)
     return metrics
 
 
@@ -205,7 +307,7 @@ def figures(model_path: str, config: dict[str, Any], data_ref: dict[str, Any], r
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_figures(on_fast_path(model, cfg), load_data(data_ref), history, tmp,
                               loss_type=cfg.loss.reconstruction_loss_type, binarize=cfg.data.binarize, seed=cfg.run.seed)
-        tracking.get_client().log_artifacts(run_id, tmp, FIGURES_DIR)
+        run_outbox(cfg.run.checkpoint_dir, run_id).log_artifacts(run_id, tmp, FIGURES_DIR)
     return {name: f"{FIGURES_DIR}/{Path(p).name}" for name, p in paths.items()}
 
 
@@ -215,7 +317,7 @@ def summary(run: dict[str, str], config: dict[str, Any], metrics: dict[str, floa
     """Publish the run's summary as Prefect artifacts: markdown (metrics, what the score means,
     MLflow link, the figures) and a table of the metrics."""
     cfg = validate_config(config)
-    markdown = summary_markdown(tracking.get_client(), run, cfg, metrics, figures, protocol)
+    markdown = summary_markdown(tracking.get_client(check=False), run, cfg, metrics, figures, protocol)
     create_markdown_artifact(key="vae-training-summary", markdown=markdown,
                              description=f"VAE training run {run['run_id']}")
     create_table_artifact(key="vae-training-metrics", description=f"test metrics of MLflow run {run['run_id']}",
@@ -229,7 +331,9 @@ def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float]
     files' paths (a browser showing the Prefect UI cannot load a local file into the page)."""
     link = tracking.run_link(client, run["experiment_id"], run["run_id"])
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
-    links = {name: tracking.artifact_link(client, run["run_id"], path) for name, path in figures.items()}
+    links = {name: tracking.artifact_location(client.tracking_uri, run["artifact_uri"], run["run_id"], path)
+             if "artifact_uri" in run else tracking.artifact_link(client, run["run_id"], path)
+             for name, path in figures.items()}
     if not links:
         figs = "Figures: none (figures were off)\n"
     elif all(u.startswith(("http://", "https://")) for u in links.values()):
@@ -243,17 +347,31 @@ def summary_markdown(client, run: dict[str, str], cfg, metrics: dict[str, float]
 
 
 @task(name="register", cache_policy=NO_CACHE, **RETRY)
-def register(model_path: str, config: dict[str, Any], run_id: str, score: dict[str, float]) -> dict[str, str]:
-    """Log the model, register a ``vae-mnist`` version, alias it ``challenger``."""
-    client = tracking.get_client()
-    tags = {tracking.TAG_RUN_KIND: client.get_run(run_id).data.tags.get(tracking.TAG_RUN_KIND, ""),
-            **{k: f"{v:.6g}" for k, v in score.items()}}
-    version = registry.log_and_register(client, run_id, model_path, config, tags=tags)
-    return {"name": version.name, "version": str(version.version), "uri": registry.model_uri(version)}
+def register(model_path: str, config: dict[str, Any], run_id: str, score: dict[str, float], run_kind: str = "",
+             wait_s: float = 20.0) -> dict[str, str] | None:
+    """Log the model, register a ``vae-mnist`` version, alias it ``challenger``: once the run's
+    outbox has delivered everything before it (up to ``wait_s``). A server away then gets it
+    queued in the outbox instead, after the rest (also when it goes away during the registration:
+    delivering the record registers the run's model once); returns None in that case."""
+    sender = run_sender(validate_config(config).run.checkpoint_dir, run_id)
+    tags = {tracking.TAG_RUN_KIND: run_kind, **{k: f"{v:.6g}" for k, v in score.items()}}
+    if sender.flush(wait_s):
+        try:
+            with short_http_requests():  # a server lost now: queued at once, not after MLflow's retries
+                version = registry.log_and_register(tracking.get_client(), run_id, model_path, config, tags=tags)
+            return {"name": version.name, "version": str(version.version), "uri": registry.model_uri(version)}
+        except MlflowException as e:
+            if e.error_code in FINAL_ERRORS:
+                raise
+        except tracking.TrackingUnavailableError:
+            pass
+    sender.outbox.append({"op": "register", "run_id": run_id, "model_path": str(Path(model_path).resolve()),
+                          "config": config, "tags": tags, "queued_at": time.time()})
+    return None
 
 
 @task(name="tag-run", cache_policy=NO_CACHE, **RETRY)
-def tag_run(run_id: str, tags: dict[str, str]) -> None:
-    client = tracking.get_client()
+def tag_run(run_id: str, checkpoint_dir: str, tags: dict[str, str]) -> None:
+    outbox = run_outbox(checkpoint_dir, run_id)
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        outbox.set_tag(run_id, key, value)

@@ -9,7 +9,13 @@ Evaluation options (``iw_k``, ...) are the flow's own. Everything lands in one M
 ``challenger``.
 
 Command line (the ``vae-pipeline`` script): ``python -m pipelines.training --preset small
---num_epochs 2`` (every config key is a flag, as in ``vae-train``).
+--num_epochs 2`` (every config key is a flag, as in ``vae-train``); ``--resume RUN_ID`` continues
+a failed run from its ``last.pth`` into the same MLflow run and registers its model.
+
+The run logs through a local outbox (:mod:`tracking.outbox`): training never waits on the tracking
+server; a flow that ends while the server is away says so in one line, and ``python -m
+pipelines.sync`` (or the next run) delivers the rest. A run whose process died is ended ``FAILED``,
+with the reason, by the next start (:mod:`pipelines.sync`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 import tracking
-from pipelines import console, tasks
+from pipelines import console, sync, tasks
 from vae.cli import dataclass_parameters, expand_kwargs, run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
 from vae.data import prepare_raw_files
@@ -32,9 +37,11 @@ from vae.likelihood import likelihood_protocol
 
 Preset = Literal[tuple(sorted(PRESETS))]
 DEFAULT_IW_K = 1000
+TRACKING_WAIT_S = 20.0  # how long a flow's end waits for its outbox to reach a server that is away
 # Every config key, as an optional flow parameter (None: the preset's value).
 CONFIG_PARAMETERS = [p for section in typing.get_type_hints(Config).values()
                      for p in dataclass_parameters(section, optional=True)]
+CONFIG_KEYS = frozenset(p.name for p in CONFIG_PARAMETERS)
 
 
 def build_config(preset: str = "small", overrides: dict[str, Any] | None = None, **named: Any) -> dict[str, Any]:
@@ -78,31 +85,42 @@ def check_inputs(config: dict[str, Any]) -> None:
 
 def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_max_train_images: int,
                  eval_probe: bool, eval_fid: bool, write_figures: bool, register: bool,
-                 run_kind: str) -> dict[str, Any]:
-    """The steps, in order, for a validated config; shared by the training and retraining flows."""
+                 run_kind: str, resume_run_id: str | None = None,
+                 tracking_wait_s: float = TRACKING_WAIT_S) -> dict[str, Any]:
+    """The steps, in order, for a validated config; shared by the training and retraining flows.
+
+    ``resume_run_id``: continue that run (its ``last.pth``, into the same MLflow run) instead of
+    starting one. ``tracking_wait_s``: how long the end of the flow waits for the run's outbox to
+    reach a tracking server that is away (then the flow ends and says so in one line).
+    """
     check_eval_options(iw_k, eval_max_images, eval_max_train_images)
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
-    run = tasks.start_run(config, data_ref, run_kind, flow_run.get_id())
+    tasks.catch_up(config["checkpoint_dir"], config["experiment_name"])
+    run = (tasks.reopen_run(resume_run_id) if resume_run_id else
+           tasks.start_run(config, data_ref, run_kind, flow_run.get_id()))
+    run_id, ckpt = run["run_id"], config["checkpoint_dir"]
     # One run folder per MLflow run: the trainer refuses to overwrite another run's checkpoints.
-    train_config = {**config, "checkpoint_dir": str(Path(config["checkpoint_dir"]) / "pipeline" / run["run_id"])}
+    train_config = {**config, "checkpoint_dir": str(sync.run_folder(ckpt, run_id))}
     try:
-        tasks.tag_run(run["run_id"], {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
-        result = tasks.train(train_config, data_ref, run["run_id"])
+        tasks.tag_run(run_id, ckpt, {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
+        result = tasks.train(train_config, data_ref, run_id)
         best = result["best_model_path"]
-        metrics = tasks.evaluate(best, config, data_ref, run["run_id"], k=iw_k, max_test_images=eval_max_images,
+        metrics = tasks.evaluate(best, config, data_ref, run_id, k=iw_k, max_test_images=eval_max_images,
                                  max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
-        figures = tasks.figures(best, config, data_ref, run["run_id"], result["history"]) if write_figures else {}
+        figures = tasks.figures(best, config, data_ref, run_id, result["history"]) if write_figures else {}
         tasks.summary(run, config, metrics, figures, likelihood_protocol(
             config["reconstruction_loss_type"], config["binarize"], iw_k, eval_max_images))
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
-        version = tasks.register(best, config, run["run_id"], score) if register else None
+        version = tasks.register(best, config, run_id, score, run_kind, tracking_wait_s) if register else None
     except BaseException as e:
-        tasks.finish_run(run["run_id"], "FAILED", f"{type(e).__name__}: {e}")
+        print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {sync.resume_command(run_id)}")
+        tasks.finish_run(run_id, ckpt, "FAILED", f"{type(e).__name__}: {e} (continue it with: "
+                         f"{sync.resume_command(run_id)})", tracking_wait_s)
         raise
-    tasks.finish_run(run["run_id"], "FINISHED")
+    pending = tasks.finish_run(run_id, ckpt, "FINISHED", None, tracking_wait_s)
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),
             "best_model_path": best, "data_digest": data_ref["digest"], "config": config,
-            "final_metrics": result["final_metrics"]}
+            "final_metrics": result["final_metrics"], "tracking_pending": pending}
 
 
 @flow(name="vae-training", log_prints=True)
@@ -110,6 +128,7 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
 def vae_training(preset: Preset = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
                  eval_max_images: int = 0, eval_max_train_images: int = 0, eval_probe: bool = True,
                  eval_fid: bool = True, figures: bool = True, register_model: bool = True, run_kind: str = "training",
+                 resume_run_id: str | None = None, tracking_wait_s: float = TRACKING_WAIT_S,
                  **config: Any) -> dict[str, Any]:
     """Train, evaluate, log and register one VAE.
 
@@ -122,14 +141,26 @@ def vae_training(preset: Preset = "small", overrides: dict[str, Any] | None = No
         eval_probe, eval_fid: compute the linear probe and the classifier FID.
         figures: write the figures (``figures/*.png`` in the run).
         register_model: log and register the model (``challenger``).
+        resume_run_id: continue this failed (or killed) run from its ``last.pth`` into the same
+            MLflow run, with its stored config (only ``num_epochs``, ``device``, ... may change;
+            ``checkpoint_dir`` must be the one it ran under); ``preset`` is then ignored.
+        tracking_wait_s: how long the flow's end waits for a tracking server that is away before
+            it ends anyway, saying so; ``python -m pipelines.sync`` (or the next run) delivers the rest.
         config: every config key (``num_epochs``, ``latent_dim``, ...; None: the preset's value),
             applied over ``overrides``.
     Returns:
         run id, experiment id, model version, test metrics, figure paths, config.
     """
-    return run_training(build_config(preset, overrides, **config), iw_k=iw_k, eval_max_images=eval_max_images,
+    if resume_run_id:
+        given = {**(overrides or {}), **{k: v for k, v in config.items() if v is not None}}
+        cfg = tasks.resumed_config(resume_run_id, given.get("checkpoint_dir") or PRESETS[preset]()["checkpoint_dir"],
+                                   given)
+    else:
+        cfg = build_config(preset, overrides, **config)
+    return run_training(cfg, iw_k=iw_k, eval_max_images=eval_max_images,
                         eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
-                        write_figures=figures, register=register_model, run_kind=run_kind)
+                        write_figures=figures, register=register_model, run_kind=run_kind,
+                        resume_run_id=resume_run_id, tracking_wait_s=tracking_wait_s)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,18 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="starting configuration")
     add_eval_arguments(parser)
     parser.add_argument("--no_register", action="store_true", help="do not register the model")
+    parser.add_argument("--resume", metavar="RUN_ID", default=None,
+                        help="continue this failed pipeline run from its last.pth, into the same MLflow run")
+    parser.add_argument("--tracking_wait_s", type=float, default=TRACKING_WAIT_S,
+                        help="how long the end waits for a tracking server that is away (then `python -m "
+                             "pipelines.sync` delivers the rest)")
     return add_config_arguments(parser)
 
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args, PRESETS[args.preset]()).to_dict()
     check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
+    if args.resume:  # the run's stored config, with the flags a resumed run may change
+        given = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and v is not None}
+        ckpt = given.get("checkpoint_dir") or PRESETS[args.preset]()["checkpoint_dir"]
+        config = tasks.resumed_config(args.resume, ckpt, given)
+    else:
+        config = config_from_args(args, PRESETS[args.preset]()).to_dict()
     check_inputs(config)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     out = vae_training(preset=args.preset, overrides=config, iw_k=args.iw_k, eval_max_images=args.eval_max_images,
-                       eval_max_train_images=args.eval_max_train_images, register_model=not args.no_register)
+                       eval_max_train_images=args.eval_max_train_images, register_model=not args.no_register,
+                       resume_run_id=args.resume, tracking_wait_s=args.tracking_wait_s)
     print(console.dumps({k: out[k] for k in ("run_id", "experiment_id", "model_version", "metrics")}))
+    if out["tracking_pending"]:
+        print(f"warning: {out['tracking_pending']}", file=sys.stderr)
     return 0
 
 

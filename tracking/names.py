@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MODEL_NAME", "CHAMPION", "CHALLENGER", "TAG_GIT_COMMIT", "TAG_DATASET_DIGEST", "TAG_DEVICE", "TAG_TORCH_VERSION", "TAG_FLOW_RUN_ID", "TAG_RUN_KIND", "TAG_CHECKPOINT_DIR", "TAG_DECISION", "TAG_DECISION_REASON", "TAG_FAILURE_REASON", "TAG_CHALLENGER_SCORE", "TAG_CHAMPION_SCORE", "TAG_SCORE_METRIC", "TAG_SCORE_DIFFERENCE", "TAG_SCORE_DIFFERENCE_SE", "TAG_COMPARE_IMAGES", "TAG_CHALLENGER_TEST", "TAG_CHAMPION_TEST", "TAG_EXPERIMENT_KIND",
+__all__ = ["MODEL_NAME", "CHAMPION", "CHALLENGER", "TAG_GIT_COMMIT", "TAG_DATASET_DIGEST", "TAG_DEVICE", "TAG_TORCH_VERSION", "TAG_FLOW_RUN_ID", "TAG_RUN_KIND", "TAG_CHECKPOINT_DIR", "TAG_DECISION", "TAG_DECISION_REASON", "TAG_FAILURE_REASON", "TAG_PROCESS_HOST", "TAG_PROCESS_PID", "TAG_CHALLENGER_SCORE", "TAG_CHAMPION_SCORE", "TAG_SCORE_METRIC", "TAG_SCORE_DIFFERENCE", "TAG_SCORE_DIFFERENCE_SE", "TAG_COMPARE_IMAGES", "TAG_CHALLENGER_TEST", "TAG_CHAMPION_TEST", "TAG_EXPERIMENT_KIND",
            "EXPERIMENT_KIND", "UI_WORKFLOW_QUERY", "UI_URL"]
 
 MODEL_NAME = "vae-mnist"
@@ -18,6 +18,8 @@ TAG_CHECKPOINT_DIR = "checkpoint_dir"
 TAG_DECISION = "retrain.decision"  # promoted | kept
 TAG_DECISION_REASON = "retrain.reason"
 TAG_FAILURE_REASON = "failure_reason"  # why a FAILED run failed: "<Error>: <message>"
+# Where a pipeline run's process lives: a later start ends the run if that process is gone.
+TAG_PROCESS_HOST, TAG_PROCESS_PID = "process.host", "process.pid"
 # The decision's figures: both models' validation bound on the same images, the paired difference
 # (challenger - champion) and its standard error; the test figures are reported, never compared.
 TAG_CHALLENGER_SCORE = "retrain.challenger_score"

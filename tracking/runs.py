@@ -5,6 +5,8 @@ opens a run (:func:`run_link`) or one of its artifacts (:func:`artifact_link`)."
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,8 +18,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_RUN_KIND,
-                            TAG_TORCH_VERSION, UI_URL, UI_WORKFLOW_QUERY)
+from tracking.names import (TAG_DATASET_DIGEST, TAG_DEVICE, TAG_FLOW_RUN_ID, TAG_GIT_COMMIT, TAG_PROCESS_HOST,
+                            TAG_PROCESS_PID, TAG_RUN_KIND, TAG_TORCH_VERSION, UI_URL, UI_WORKFLOW_QUERY)
 from vae.callbacks import Callback
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -50,6 +52,26 @@ def environment_tags(device: str, dataset_digest: str, run_kind: str, flow_run_i
     """The tags every pipeline run carries, named the same across runs."""
     return {TAG_GIT_COMMIT: git_commit(), TAG_DATASET_DIGEST: dataset_digest, TAG_DEVICE: device,
             TAG_TORCH_VERSION: torch.__version__, TAG_FLOW_RUN_ID: flow_run_id or "", TAG_RUN_KIND: run_kind}
+
+
+def process_tags() -> dict[str, str]:
+    """The tags naming this process (host, pid), by which a later start tells a run whose process died."""
+    return {TAG_PROCESS_HOST: socket.gethostname(), TAG_PROCESS_PID: str(os.getpid())}
+
+
+def process_died(tags: Mapping[str, str]) -> bool:
+    """Whether the process that ``tags`` (:func:`process_tags`) name is gone. Only a process of this
+    host can be judged: a run of another machine, or of this very process, counts as alive."""
+    pid = tags.get(TAG_PROCESS_PID, "")
+    if tags.get(TAG_PROCESS_HOST) != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process
+        return False
+    return False
 
 
 def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str,
@@ -102,6 +124,8 @@ class MLflowCallback(Callback):
     """Sends the trainer's per-epoch metrics to one MLflow run (by id, from any thread).
 
     Args:
+        client: an ``MlflowClient``, or a run's :class:`tracking.outbox.Outbox` (the pipelines':
+            training then never waits on the server).
         log_checkpoints: at the end of training, also log ``best_model.pth``, ``config.json`` and
             ``metrics.jsonl`` under ``checkpoints/`` (off for sweep trials, which keep them on disk).
     """

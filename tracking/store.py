@@ -11,7 +11,10 @@ import contextlib
 import os
 import socket
 import sqlite3
+import ssl
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Mapping
 
@@ -43,8 +46,16 @@ class TrackingUnavailableError(UserError, ConnectionError):
     """The configured MLflow tracking server does not answer (raised at once, not after minutes)."""
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast when an http(s) tracking server is down: MLflow's own retries take minutes.
+REACHABLE_TIMEOUT_S = 5.0  # a server that accepts but does not answer is given up after this
+
+
+def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail fast when an http(s) tracking server is down or hung: MLflow's own retries take minutes.
+
+    One HTTP request to the server's ``/health``, without retries: a refused connection fails at
+    once, and a server that accepts connections but does not answer (stopped, deadlocked) within
+    ``timeout`` seconds fails with the same line. Any HTTP answer, even an error status, counts
+    as reachable.
 
     Raises:
         TrackingUnavailableError: naming the server and what to do.
@@ -52,25 +63,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-    except OSError as e:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered, in TLS the client does not accept: MLflow's own calls say so
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            why = f"no answer within {timeout:g} s"
+        else:
+            why = getattr(reason, "strerror", None) or str(reason)
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({e.strerror or e}); start it, or unset "
+            f"MLflow tracking server {uri} is unreachable ({why}); start it, or unset "
             f"MLFLOW_TRACKING_URI to use the local store") from None
 
 
-def get_client() -> MlflowClient:
+def get_client(check: bool = True) -> MlflowClient:
     """A client on :func:`tracking_uri` (the registry lives in the same store).
 
+    Args:
+        check: first make sure a tracking server answers (:func:`check_reachable`); a client for
+            an outbox's sender skips it (it retries by itself).
     Raises:
         TrackingUnavailableError: ``MLFLOW_TRACKING_URI`` names a server that does not answer.
     """
     uri = tracking_uri()
     if is_local_store(uri):
         local_store_dir().mkdir(parents=True, exist_ok=True)
-    else:
+    elif check:
         check_reachable(uri)
     if is_local_store(uri) and uri not in _READY_STORES:
         client = _open_local_store_once(uri)

@@ -115,8 +115,8 @@ class FaultProxy:
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(None)
         try:
+            src.settimeout(None)  # inside: a cut may have closed it before this thread ran
             while True:
                 data = src.recv(65536)
                 if not data:

@@ -38,6 +38,7 @@ def test_diverging_flow_run_ends_failed_with_the_reason_and_registers_nothing(pr
     assert run.info.status == "FAILED"
     reasons = " ".join(f"{k}={v}" for k, v in run.data.tags.items() if not k.startswith("mlflow.source"))
     assert "NaN or infinite" in reasons, f"the FAILED run does not say why: {run.data.tags}"
+    assert f"python -m pipelines.training --resume {run.info.run_id}" in run.data.tags[tracking.TAG_FAILURE_REASON]
     assert client.search_registered_models() == []
     assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
     tally("runs_checked")
