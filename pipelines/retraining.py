@@ -214,6 +214,13 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     run = vae_training(preset=preset, overrides=config, iw_k=iw_k, eval_max_images=eval_max_images,
                        eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
                        figures=figures, run_kind="retraining")
+    if run["model_version"] is None:  # the tracking server was away at the end: nothing to promote yet
+        reason = ("the challenger is not registered yet (the tracking server was away when training ended); "
+                  "`.venv/bin/python -m pipelines.sync` registers it, then rerun to decide")
+        print(reason)
+        return {**dict.fromkeys(JSON_KEYS), "decision": "pending", "reason": reason, "run_id": run["run_id"],
+                "champion_version": champion["version"] if champion else None, "source": origin,
+                "changes": changes, "decided_on": None}
     comparison = promotion.compare_on_validation(champion, run["best_model_path"], config, data_ref, iw_k,
                                                  val_compare_images)
     promote, reason = promotion.decide(comparison)
@@ -249,7 +256,7 @@ def summary_text(out: dict[str, Any]) -> str:
     """The decision as a user reads it: what happened, both models' figures, the rule, the run."""
     def score(value: float | None) -> str:
         return "none" if value is None or not math.isfinite(value) else f"{value:.2f}"
-    if out["decision"] == "unchanged":
+    if out["decision"] in ("unchanged", "pending"):
         return "\n".join([f"retraining unchanged: {out['reason']}", f"  champion:     version {out['champion_version']}",
                           f"  based on:     {out['source']}"])
 
