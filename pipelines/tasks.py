@@ -49,7 +49,7 @@ from vae.device import get_device
 from vae.evaluate import evaluate as vae_evaluate
 from vae.figures import write_figures
 from vae.errors import UserError
-from vae.files import atomic_write, storage_fault
+from vae.files import StorageError, atomic_write, storage_fault
 from vae.train import RESUMABLE_OVERRIDES, VAETrainer
 
 DATA_CACHE_VERSION = 1  # bump when the cached tensors' layout changes
@@ -218,9 +218,17 @@ def finish_run(run_id: str, checkpoint_dir: str, status: str = "FINISHED", reaso
         rest gets there (also printed).
     """
     sender = run_sender(checkpoint_dir, run_id)
-    if reason:  # a FAILED run says why, in MLflow itself
-        sender.outbox.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
-    sender.outbox.set_terminated(run_id, status=status)
+    try:
+        if reason:  # a FAILED run says why, in MLflow itself
+            sender.outbox.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
+        sender.outbox.set_terminated(run_id, status=status)
+    except StorageError:  # the outbox's disk is full or read-only: end the run directly
+        sender.close(wait_s)
+        client = tracking.get_client(check=False)
+        if reason:
+            client.set_tag(run_id, tracking.TAG_FAILURE_REASON, reason[:5000])
+        client.set_terminated(run_id, status=status)
+        return None
     if sender.close(wait_s):
         return None
     line = unreachable_line(run_id, checkpoint_dir, sender.last_error)

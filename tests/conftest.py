@@ -128,3 +128,14 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_console_on_the_session_stream():
+    """Prefect binds its console handler to ``sys.stderr`` when its logging is first set up (on
+    ``import prefect``). Do that before any test's capsys/capfd, so no handler keeps writing into
+    a capture file that a finished test has closed ("I/O operation on closed file")."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    yield

@@ -35,7 +35,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from vae.files import write_atomic
+from vae.files import storage_error, write_atomic
 
 __all__ = ["Outbox", "Sender", "Handler", "OUTBOX_FILE", "deliver_pending", "open_sender", "short_http_requests"]
 
@@ -108,13 +108,19 @@ class Outbox:
     # -- the log itself ---------------------------------------------------------------------------
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record durably (flush + fsync) and wake the sender."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         line = json.dumps(dict(record), allow_nan=True) + "\n"
         with self.changed:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # a full or read-only disk: one line naming the file, never retried
+                err = storage_error(e, self.path)
+                if err is None:
+                    raise
+                raise err from e
             self.changed.notify_all()
 
     def delivered(self) -> int:

@@ -24,7 +24,7 @@ from typing import IO, Iterator
 
 from vae.errors import UserError
 
-__all__ = ["StorageError", "atomic_write", "exclusive_file_lock", "free_space", "storage_fault", "write_atomic"]
+__all__ = ["StorageError", "atomic_write", "exclusive_file_lock", "free_space", "storage_fault", "write_atomic", "storage_error"]
 
 # errno -> the OS's words for it, as they appear inside torch's RuntimeError.
 STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
@@ -73,7 +73,9 @@ def free_space(path: str | Path) -> str:
     return f"{free / 1e6:.1f} MB free on {folder}"
 
 
-def _storage_error(exc: BaseException, path: Path) -> StorageError | None:
+def storage_error(exc: BaseException, path: str | Path) -> StorageError | None:
+    """A :class:`StorageError` naming ``path`` and the free space for a disk fault ``exc`` is or
+    wraps; None for anything else (and for an ``exc`` that already is one)."""
     code = storage_fault(exc)
     if code is None or isinstance(exc, StorageError):
         return None
@@ -105,7 +107,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        fault = _storage_error(e, path)  # the free space as the write failed, before the partial file goes
+        fault = storage_error(e, path)  # the free space as the write failed, before the partial file goes
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if fault is not None:

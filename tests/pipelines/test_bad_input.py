@@ -64,7 +64,7 @@ def test_every_config_key_is_a_flow_parameter_over_the_preset():
 
     params = vae_training.parameters.properties
     own = {"preset", "overrides", "iw_k", "eval_max_images", "eval_max_train_images", "eval_probe", "eval_fid",
-           "figures", "register_model", "run_kind"}
+           "figures", "register_model", "run_kind", "resume_run_id", "tracking_wait_s"}
     assert set(params) == set(get_default_config()) | own
     assert all(params[key]["default"] is None for key in get_default_config())
     assert params["preset"]["enum"] == sorted(PRESETS) and params["preset"]["default"] == "small"

@@ -157,8 +157,10 @@ def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(pref
     assert last.startswith(f"error: cannot write {read_only_dir}/pipeline/") and "Read-only file system (" in last
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_FAILURE_REASON].startswith("StorageError: ")
-    train = task_runs(run.data.tags[tracking.TAG_FLOW_RUN_ID])["train"]
-    assert train.run_count == 1  # not retried: no retry makes a read-only disk writable
+    runs = task_runs(run.data.tags[tracking.TAG_FLOW_RUN_ID])
+    failed = [name for name, r in runs.items() if r.state.is_failed()]
+    assert failed == ["tag-run"]  # the first write into the run folder: the run's outbox
+    assert runs["tag-run"].run_count == 1  # not retried: no retry makes a read-only disk writable
 
 
 def test_a_run_folder_under_a_regular_file_is_one_storage_error(tmp_path):
