@@ -17,30 +17,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url + "/health", timeout=2).close()
-        return True
-    except OSError:
-        return False
+from tests.reliability.faultproxy import free_port, health_answers
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
@@ -49,7 +34,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     end = time.monotonic() + 180
-    while not _answers(f"http://127.0.0.1:{port}"):
+    while not health_answers(f"http://127.0.0.1:{port}"):
         if time.monotonic() > end or proc.poll() is not None:
             raise RuntimeError("mlflow server did not start")
         time.sleep(0.5)
@@ -114,7 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--outage-s", type=float, default=120)
     p.add_argument("--num_epochs", type=int, default=8)
     args = p.parse_args(argv)
-    root, port = Path(tempfile.mkdtemp(prefix="outage-")), _free_port()
+    root, port = Path(tempfile.mkdtemp(prefix="outage-")), free_port()
     uri = f"http://127.0.0.1:{port}"
     MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()
     server = [start_server(root, port)]

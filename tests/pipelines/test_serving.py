@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from vae.data import Split
 from vae.evaluate import evaluate
 from vae.ood import anomaly_scores, complexity_corrected
 from vae.train import VAETrainer
+from tests.reliability.faultproxy import free_port
 
 
 def _register(client, tiny_data_dir, folder: Path, alias: str, **overrides) -> tuple:
@@ -118,12 +118,6 @@ def test_a_bad_request_is_a_clear_invalid_parameter_error(champion, x, params, m
     assert caught.value.get_http_status_code() == 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -137,7 +131,7 @@ def _post(port: int, body: bytes) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server(champion, module_store):
     """``mlflow models serve`` of the champion as ``make serve`` runs it, on a free port."""
-    port, bin_dir = _free_port(), str(Path(sys.executable).parent)
+    port, bin_dir = free_port(), str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                              f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION}", "--env-manager", "local",

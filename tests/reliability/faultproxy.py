@@ -13,6 +13,7 @@ Threads, one pair per connection; ``cut`` closes the listening socket too, so cl
 from __future__ import annotations
 
 import socket
+import urllib.request
 import threading
 import time
 
@@ -24,7 +25,7 @@ class FaultProxy:
 
     def __init__(self, host: str, port: int):
         self.target = (host, port)
-        self.port = _free_port()
+        self.port = free_port()
         self.cuts = 0
         self.dropped = 0  # connections closed by cuts: a cut that dropped none tested nothing
         self._lock = threading.Lock()
@@ -133,7 +134,17 @@ class FaultProxy:
                     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the tests' servers and proxies)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def health_answers(url: str) -> bool:
+    """True when ``url/health`` answers (an MLflow server that is up and not frozen)."""
+    try:
+        urllib.request.urlopen(url + "/health", timeout=2).close()
+        return True
+    except OSError:
+        return False

@@ -3,23 +3,16 @@ registers nothing; an unreachable tracking server fails a run fast, naming the s
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from tests.reliability.conftest import tally
+from tests.reliability.faultproxy import free_port
 
 TINY_FLOW = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "num_epochs": 2, "val_size": 100,
              "progress": False, "sample_every": 0, "ema_decay": 0.9, "log_every": 1}
 FAST_EVAL = {"iw_k": 4, "eval_max_images": 50, "eval_probe": False, "eval_fid": False}
-
-
-def _free_port() -> int:
-    """A local port with nothing listening on it (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_diverging_flow_run_ends_failed_with_the_reason_and_registers_nothing(prefect_harness, mlflow_store,
@@ -47,7 +40,7 @@ def test_diverging_flow_run_ends_failed_with_the_reason_and_registers_nothing(pr
 def test_unreachable_tracking_server_fails_a_flow_fast_naming_it(prefect_harness, monkeypatch, tiny_data_dir, tmp_path):
     from pipelines.training import vae_training
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     overrides = {**TINY_FLOW, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(tmp_path / "ck"),
                  "experiment_name": "rel-unreachable"}
@@ -64,7 +57,7 @@ def test_unreachable_tracking_server_fails_a_flow_fast_naming_it(prefect_harness
 def test_unreachable_tracking_server_fails_a_sweep_fast_naming_it(monkeypatch, tiny_data_dir, tmp_path, capsys):
     from tuning.__main__ import cli
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("VAE_OPTUNA_DIR", str(tmp_path / "optuna"))
     tally("faults")
@@ -83,7 +76,7 @@ def test_unreachable_tracking_server_fails_the_pipeline_cli_with_one_line(prefec
                                                                           tmp_path, capsys):
     from pipelines.training import cli
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tally("faults")
     with pytest.raises(SystemExit) as info:

@@ -13,34 +13,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from tests.reliability.conftest import PYTHON, ROOT, assert_one_line_error, call_cli, cli_env, tally, wait_for
-from tests.reliability.faultproxy import FaultProxy
+from tests.reliability.faultproxy import FaultProxy, free_port, health_answers
 
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "val_size": 100, "max_train_samples": 0,
         "progress": False, "sample_every": 0, "ema_decay": 0.9, "learning_rate": 3e-3, "log_every": 5}
 FAST_EVAL = {"iw_k": 4, "eval_max_images": 50, "eval_probe": False, "eval_fid": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url + "/health", timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +34,13 @@ def server(tmp_path_factory):
 
     ensure_logging_setup()  # Prefect's console handler on the session's stderr, not on a test's capsys
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], env=cli_env(root), cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), timeout=90, interval=0.2, proc=proc), \
+        assert wait_for(lambda: health_answers(f"http://127.0.0.1:{port}"), timeout=90, interval=0.2, proc=proc), \
             proc.stderr.read()[-3000:] if proc.poll() is not None else "mlflow server did not answer in 90 s"
         with FaultProxy("127.0.0.1", port) as proxy:
             proxy.url = f"http://127.0.0.1:{proxy.port}"
@@ -73,7 +57,7 @@ def server(tmp_path_factory):
 def on_server(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     server.resume()
-    assert wait_for(lambda: _answers(server.url), timeout=10)
+    assert wait_for(lambda: health_answers(server.url), timeout=10)
     yield server
     server.resume()
 
@@ -130,7 +114,7 @@ def test_a_flow_ending_while_the_server_is_away_says_so_and_sync_delivers_the_re
     assert out["model_version"] is None and line and "\n" not in line, out
     assert on_server.url in line and "python -m pipelines.sync" in line and out["run_id"] in line
     on_server.resume()
-    assert wait_for(lambda: _answers(on_server.url), timeout=10)
+    assert wait_for(lambda: health_answers(on_server.url), timeout=10)
     code, stdout, err = call_cli(sync_cli, ["--checkpoint_dir", str(ckpt), "--experiment_name", "outbox-flow"], capsys)
     assert code == 0 and "delivered" in stdout, err[-3000:]
     client = tracking.get_client()

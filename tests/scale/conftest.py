@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.reliability.faultproxy import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_SH = ROOT / "scripts" / "stack.sh"
@@ -36,12 +36,6 @@ def postgres() -> str:
         pytest.skip(f"PostgreSQL does not answer at {PG_URL.split('://')[1]} "
                     f"(start it, or set VAE_TEST_PG_URL): {type(e).__name__}: {str(e).splitlines()[0]}")
     return PG_URL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
