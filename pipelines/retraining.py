@@ -33,8 +33,8 @@ from prefect.states import Completed
 
 import tracking
 from pipelines import console, promotion, registry, tasks
-from pipelines.training import (DEFAULT_IW_K, add_eval_arguments, build_config, check_eval_options, check_inputs,
-                                vae_training)
+from pipelines.training import (DEFAULT_IW_K, TRACKING_WAIT_S, add_eval_arguments, build_config, check_eval_options,
+                                check_inputs, vae_training)
 from tuning.options import default_storage
 from tuning.study import best_config, best_config_path
 from vae.cli import run_cli
@@ -179,7 +179,7 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
                    preset: str = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
                    eval_max_images: int = 0, eval_max_train_images: int = 0, eval_probe: bool = True,
                    eval_fid: bool = True, figures: bool = True, val_compare_images: int = 0,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False, tracking_wait_s: float = TRACKING_WAIT_S) -> dict[str, Any]:
     """Retrain from the champion's (or the best trial's) config when something changed; promote
     only a model better on validation images by more than noise explains.
 
@@ -191,8 +191,10 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
             ``vae-training``; ``iw_k`` is also the k of the validation comparison.
         val_compare_images: compare on the first N held-out validation images (0 = all).
         force: retrain even when nothing changed since the champion.
+        tracking_wait_s: as in ``vae-training``: how long the end of training waits for a tracking
+            server that is away before the challenger is left for ``pipelines.sync`` (decision 'pending').
     Returns:
-        decision (promoted | kept | unchanged), reason, versions, validation and test figures,
+        decision (promoted | kept | unchanged | pending), reason, versions, validation and test figures,
         the paired difference and its SE, the challenger's run id.
     """
     if source not in ("champion", "best_trial"):
@@ -213,7 +215,7 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
     print(f"retraining from the {origin}; changed since the champion: {'; '.join(changes) or 'nothing (forced)'}")
     run = vae_training(preset=preset, overrides=config, iw_k=iw_k, eval_max_images=eval_max_images,
                        eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
-                       figures=figures, run_kind="retraining")
+                       figures=figures, run_kind="retraining", tracking_wait_s=tracking_wait_s)
     if run["model_version"] is None:  # the tracking server was away at the end: nothing to promote yet
         reason = ("the challenger is not registered yet (the tracking server was away when training ended); "
                   "`.venv/bin/python -m pipelines.sync` registers it, then rerun to decide")
@@ -257,7 +259,7 @@ def summary_text(out: dict[str, Any]) -> str:
     def score(value: float | None) -> str:
         return "none" if value is None or not math.isfinite(value) else f"{value:.2f}"
     if out["decision"] in ("unchanged", "pending"):
-        return "\n".join([f"retraining unchanged: {out['reason']}", f"  champion:     version {out['champion_version']}",
+        return "\n".join([f"retraining {out['decision']}: {out['reason']}", f"  champion:     version {out['champion_version']}",
                           f"  based on:     {out['source']}"])
 
     def figures(version, val, test) -> str:

@@ -6,10 +6,7 @@ tests that ask for ``real_data_dir`` (skipped when it is absent).
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -41,13 +38,6 @@ FILES = {
 }
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX encoding of a uint8 array: (N,) labels (magic 2049) or (N, R, C) images (magic 2051)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    magic = 2049 if array.ndim == 1 else 2051
-    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n 28x28 uint8 images with labels 0-9: a bright bar whose position and angle encode the
     label, plus noise. Structured enough for a VAE's loss to fall within a few steps."""
@@ -66,22 +56,12 @@ def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def write_idx_dataset(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = True,
                       folder: str = "MNIST", sums: bool = True) -> Path:
     """Write a tiny dataset as torchvision lays it out: ``root/<folder>/raw/*-ubyte[.gz]``."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    lines = []
+    from vae.data import write_idx_files  # not at the top: torch loads after the environment above is set
+
+    arrays = {}
     for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
-        images, labels = make_digits(n, seed)
-        for kind, arr in (("images", images), ("labels", labels)):
-            content = idx_bytes(arr)
-            name = FILES[(split, kind)]
-            if gz:
-                with gzip.open(raw / f"{name}.gz", "wb") as f:
-                    f.write(content)
-            else:
-                (raw / name).write_bytes(content)
-            lines.append(f"{hashlib.sha256(content).hexdigest()}  {name}")
-    if sums:
-        (raw / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = make_digits(n, seed)
+    write_idx_files(root / folder / "raw", arrays, gz=gz, sums=sums)
     return root
 
 
@@ -110,6 +90,29 @@ def real_data_dir() -> Path:
     if not _REAL_DATA_DIR or not (Path(_REAL_DATA_DIR) / "MNIST" / "raw").is_dir():
         pytest.skip("real MNIST not found: set VAE_DATA_DIR to a folder holding MNIST/raw")
     return Path(_REAL_DATA_DIR)
+
+
+PG_URL = os.environ.get("VAE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def pg_connect(database: str = "postgres"):
+    """A psycopg connection (autocommit) to one database of the test server (``$VAE_TEST_PG_URL``)."""
+    import psycopg
+
+    return psycopg.connect(PG_URL.replace("postgresql+psycopg://", "postgresql://") + "/" + database,
+                           autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The PostgreSQL server URL (no database); skips when nothing answers there."""
+    try:
+        with pg_connect() as conn:
+            conn.execute("SELECT 1")
+    except Exception as e:  # noqa: BLE001 - any connection failure means: no server for these tests
+        pytest.skip(f"PostgreSQL does not answer at {PG_URL.split('://')[1]} "
+                    f"(start it, or set VAE_TEST_PG_URL): {type(e).__name__}: {str(e).splitlines()[0]}")
+    return PG_URL
 
 
 @pytest.fixture

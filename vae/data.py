@@ -19,8 +19,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -119,6 +120,29 @@ def check_idx(content: bytes, path: Path | str, kind: Literal["images", "labels"
         what = "truncated" if len(content) < expected else "has trailing bytes"
         raise DataError(f"{path}: {what}: header says {count} {kind} ({expected} bytes), file has {len(content)}")
     return count
+
+
+def idx_bytes(array) -> bytes:
+    """IDX encoding of a uint8 array (numpy or torch): (N,) labels or (N, 28, 28) images, as :func:`check_idx` reads."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = _LABEL_MAGIC if array.ndim == 1 else _IMAGE_MAGIC
+    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx_files(raw: str | Path, arrays: dict[str, Any], gz: bool = True, sums: bool = True) -> Path:
+    """Write a dataset's arrays (keys of :data:`FILES`: ``train_images``, ...) as IDX files in ``raw``
+    (gzipped unless ``gz`` is false; each written atomically), with a ``SHA256SUMS`` of the
+    uncompressed content that :func:`load_dataset` checks; returns ``raw``."""
+    raw = Path(raw)
+    raw.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for key, array in arrays.items():
+        content, name = idx_bytes(array), FILES[key]
+        write_atomic(raw / (f"{name}.gz" if gz else name), gzip.compress(content, mtime=0) if gz else content)
+        lines.append(f"{hashlib.sha256(content).hexdigest()}  {name}")
+    if sums:
+        write_atomic(raw / "SHA256SUMS", "\n".join(lines) + "\n")
+    return raw
 
 
 def _read_sums(raw_dirs: list[Path]) -> dict[str, str]:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.pipelines.conftest import TINY, task_runs
+from tests.reliability.conftest import tally  # counted with tests/reliability (BENCHMARKS.md, "Reliability")
 from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.files import StorageError
 
@@ -64,6 +65,7 @@ def test_checkpoint_on_a_full_disk_names_the_file_the_space_and_the_last_checkpo
     last = small_disk / "run" / "last.pth"
     save_checkpoint({"epoch": 1, "w": torch.zeros(10)}, last)
     fill(small_disk)
+    tally("faults")
     with pytest.raises(StorageError) as caught:
         save_checkpoint({"epoch": 2, "w": torch.zeros(200_000)}, last)
     message = str(caught.value)
@@ -72,6 +74,7 @@ def test_checkpoint_on_a_full_disk_names_the_file_the_space_and_the_last_checkpo
     assert "MB free on" in message and f"last checkpoint saved: {last} (epoch 1, written at" in message
     assert load_checkpoint(last)["epoch"] == 1  # the old file is intact, no temporary file is left
     assert not list(last.parent.glob(".*.tmp"))
+    tally("checkpoints_checked")
 
 
 def test_a_disk_that_fills_mid_training_leaves_metrics_file_and_mlflow_agreeing(small_disk, client, tiny_config):
@@ -87,12 +90,15 @@ def test_a_disk_that_fills_mid_training_leaves_metrics_file_and_mlflow_agreeing(
     run_id = client.create_run(tracking.ensure_experiment(client, "full-disk")).info.run_id
     config = {**tiny_config, "checkpoint_dir": str(small_disk / "ck"), "num_epochs": 3}
     trainer = VAETrainer(config, [tracking.MLflowCallback(client, run_id), FillAfterFirstEpoch()])
+    tally("faults")
     with pytest.raises(StorageError, match="No space left on device"):
         trainer.train()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = client.get_metric_history(run_id, "val/nelbo")
     assert [r["epoch"] for r in rows] == [m.step for m in logged] == [1]
     assert load_checkpoint(trainer.last_path)["epoch"] == 1
+    tally("runs_checked")
+    tally("checkpoints_checked")
 
 
 def damage(db: Path) -> None:
@@ -106,6 +112,7 @@ def test_an_emptied_mlflow_store_is_refused_in_one_line_and_left_as_it_was(tiny_
     store = tmp_path / "mlruns"
     store.mkdir()
     (store / "mlflow.db").write_bytes(b"")
+    tally("faults")
     env = {**os.environ, "VAE_MLRUNS_DIR": str(store), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # no flow may start
     done = subprocess.run([sys.executable, "-m", "pipelines.training", "--data_dir", str(tiny_data_dir), *FLAGS],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -126,6 +133,7 @@ def test_a_damaged_mlflow_store_is_refused_in_one_line_and_left_as_it_was(empty_
     db.parent.mkdir()
     shutil.copy(empty_store_db, db)
     damage(db)
+    tally("faults")
     before = sha256(db)
     monkeypatch.setenv("VAE_MLRUNS_DIR", str(db.parent))
     assert run_cli(lambda argv: tracking.get_client() and 0) == 2  # what every command does before a flow starts
@@ -152,6 +160,7 @@ def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(pref
     with capfd.disabled():
         ensure_logging_setup()  # Prefect's console handlers keep the session's stderr, not this test's capture
     argv = ["--data_dir", str(tiny_data_dir), "--checkpoint_dir", str(read_only_dir), *FLAGS]
+    tally("faults")
     assert run_cli(training._main, argv) == 2
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot write {read_only_dir}/pipeline/") and "Read-only file system (" in last
@@ -161,6 +170,7 @@ def test_a_read_only_run_folder_fails_once_in_one_line_and_the_run_says_why(pref
     failed = [name for name, r in runs.items() if r.state.is_failed()]
     assert failed == ["tag-run"]  # the first write into the run folder: the run's outbox
     assert runs["tag-run"].run_count == 1  # not retried: no retry makes a read-only disk writable
+    tally("runs_checked")
 
 
 def test_a_run_folder_under_a_regular_file_is_one_storage_error(tmp_path):
@@ -169,6 +179,7 @@ def test_a_run_folder_under_a_regular_file_is_one_storage_error(tmp_path):
 
     (tmp_path / "file").write_text("not a folder")
     target = tmp_path / "file" / "run" / "metrics.jsonl"
+    tally("faults")
     with pytest.raises(StorageError) as caught:
         write_atomic(target, "{}\n")
     assert caught.value.errno == errno.ENOTDIR

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FILES, idx_bytes, make_digits, write_idx_dataset
+from tests.conftest import FILES, make_digits, write_idx_dataset
 from tests.reliability.conftest import assert_one_line_error, cli_flags, tally
-from vae.data import DataError, load_dataset
+from vae.data import DataError, idx_bytes, load_dataset
 
 TRAIN_IMAGES = FILES[("train", "images")]
 TRAIN_LABELS = FILES[("train", "labels")]

@@ -25,22 +25,16 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import PYTHON, assert_one_line_error, cli_env, tally, wait_for
-from tests.reliability.faultproxy import FaultProxy
-from tests.scale.conftest import PG_URL, free_port, pg_connect
+from tests.conftest import PG_URL, pg_connect
+from tests.reliability.faultproxy import FaultProxy, free_port
 
 TINY_SETS = {"hidden_dims": [8, 16], "batch_size": 50, "val_size": 100, "ema_decay": 0.9, "log_every": 5,
              "max_train_samples": 0}
 
 
 @pytest.fixture
-def pg_db(request):
+def pg_db(postgres):
     """A fresh, empty database on the test server: its name (dropped after the test)."""
-    try:
-        with pg_connect() as conn:
-            conn.execute("SELECT 1")
-    except Exception as e:  # noqa: BLE001 - any connection failure means: no server for these tests
-        pytest.skip(f"PostgreSQL does not answer at {PG_URL.split('://')[1]} (start it, or set "
-                    f"VAE_TEST_PG_URL): {type(e).__name__}: {str(e).splitlines()[0]}")
     name = f"faults_{uuid.uuid4().hex[:10]}"
     with pg_connect() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

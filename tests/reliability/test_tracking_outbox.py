@@ -131,6 +131,45 @@ def test_a_flow_ending_while_the_server_is_away_says_so_and_sync_delivers_the_re
     tally("runs_checked")
 
 
+def test_a_retraining_whose_challenger_cannot_be_registered_ends_pending_and_touches_no_alias(
+        on_server, prefect_harness, tiny_data_dir, tmp_path):
+    import tracking
+    from pipelines.retraining import summary_text, vae_retraining
+
+    client = tracking.get_client()
+    champion_before = champion_version(client)
+    ckpt = tmp_path / "ck"
+
+    def cut_once_the_run_logs():
+        if wait_for(lambda: any((ckpt / "pipeline").glob("*/mlflow-outbox.jsonl")), timeout=120):
+            on_server.cut(3600)
+
+    threading.Thread(target=cut_once_the_run_logs, daemon=True).start()
+    tally("faults")
+    out = vae_retraining(overrides={**TINY, "num_epochs": 2, "data_dir": str(tiny_data_dir),
+                                    "checkpoint_dir": str(ckpt), "experiment_name": "outbox-retraining"},
+                         **FAST_EVAL, figures=False, force=True, tracking_wait_s=1)
+    assert out["decision"] == "pending" and out["challenger_version"] is None, out
+    assert "python -m pipelines.sync" in out["reason"] and out["run_id"]
+    assert summary_text(out).splitlines()[0] == f"retraining pending: {out['reason']}"
+    on_server.resume()
+    assert wait_for(lambda: health_answers(on_server.url), timeout=10)
+    assert champion_version(client) == champion_before, "a pending challenger moved the champion"
+    assert client.search_model_versions(f"run_id='{out['run_id']}'") == [], "registered although the server was away"
+    tally("runs_checked")
+
+
+def champion_version(client) -> str | None:
+    import mlflow
+
+    import tracking
+
+    try:
+        return client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION).version
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def test_a_frozen_server_is_detected_within_seconds_with_one_line(on_server, tiny_data_dir, tmp_path, capsys):
     from pipelines.training import cli
 

@@ -1,5 +1,6 @@
-"""Fixtures of the scale-out tests: the machine's PostgreSQL, and a private stack started with
-``scripts/stack.sh`` (own folder, free ports, uniquely named databases, all dropped afterwards)."""
+"""Fixtures of the scale-out tests: a private stack started with
+``scripts/stack.sh`` on the machine's PostgreSQL (``postgres``, tests/conftest.py): own folder, free
+ports, uniquely named databases, all dropped afterwards."""
 
 from __future__ import annotations
 
@@ -15,27 +16,6 @@ from tests.reliability.faultproxy import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_SH = ROOT / "scripts" / "stack.sh"
-PG_URL = os.environ.get("VAE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
-
-
-def pg_connect(database: str = "postgres"):
-    """A psycopg connection (autocommit) to one database of the test server."""
-    import psycopg
-
-    return psycopg.connect(PG_URL.replace("postgresql+psycopg://", "postgresql://") + "/" + database,
-                           autocommit=True, connect_timeout=3)
-
-
-@pytest.fixture(scope="session")
-def postgres() -> str:
-    """The PostgreSQL server URL (no database); skips when nothing answers there."""
-    try:
-        with pg_connect() as conn:
-            conn.execute("SELECT 1")
-    except Exception as e:  # noqa: BLE001 - any connection failure means: no server for these tests
-        pytest.skip(f"PostgreSQL does not answer at {PG_URL.split('://')[1]} "
-                    f"(start it, or set VAE_TEST_PG_URL): {type(e).__name__}: {str(e).splitlines()[0]}")
-    return PG_URL
 
 
 @dataclass

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.scale.conftest import ROOT, pg_connect, start_stack, stop_stack
+from tests.conftest import pg_connect
+from tests.scale.conftest import ROOT, start_stack, stop_stack
 from tests.scale.test_stack import tiny_sweep_args
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

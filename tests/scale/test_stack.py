@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.scale.conftest import ROOT, pg_connect
+from tests.conftest import pg_connect
+from tests.scale.conftest import ROOT
 
 pytestmark = pytest.mark.postgres
 

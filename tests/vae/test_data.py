@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import idx_bytes, make_digits, write_idx_dataset
-from vae.data import (FILES, DataError, ImageBatches, Split, create_dataloader, load_dataset, split_train_val,
-                      static_binarize)
+from tests.conftest import make_digits, write_idx_dataset
+from vae.data import (FILES, DataError, ImageBatches, Split, create_dataloader, idx_bytes, load_dataset,
+                      split_train_val, static_binarize)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

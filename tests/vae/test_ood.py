@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import idx_bytes, make_digits
-from vae.data import Split
+from tests.conftest import make_digits
+from vae.data import Split, idx_bytes
 from vae.evaluate import evaluate
 from vae.images import ImageFileError, read_images
 from vae.model import VAE
