@@ -29,7 +29,7 @@ from vae.checkpoint import load_model
 from vae.config import get_default_config, validate_config
 from vae.data import DataError, ImageData, load_dataset
 from vae.figures import plot_score_histograms
-from vae.ood import anomaly_scores, auroc, complexity_corrected
+from vae.ood import anomaly_scores, auroc
 from vae.settings import current
 from vae.train import VAETrainer
 
@@ -60,9 +60,7 @@ def stand_ins(mnist: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
 def score_all(model, sets: dict[str, torch.Tensor], k: int) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name, images in sets.items():
-        s = anomaly_scores(model, images, LOSS, BINARIZE, k=k)
-        s["complexity_corrected"] = complexity_corrected(s["iw_bound"], images)
-        out[name] = s
+        out[name] = anomaly_scores(model, images, LOSS, BINARIZE, k=k)
     return out
 
 

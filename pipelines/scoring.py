@@ -32,7 +32,7 @@ from vae.figures import plot_score_histograms
 from vae.files import write_atomic
 from vae.images import read_images
 from vae.likelihood import likelihood_unit
-from vae.ood import anomaly_scores, complexity_corrected
+from vae.ood import anomaly_scores
 
 DEFAULT_MODEL = f"models:/{tracking.MODEL_NAME}@{tracking.CHAMPION}"
 EXPERIMENT = "vae-scoring"
@@ -53,7 +53,6 @@ def score(model_uri: str, images: torch.Tensor, k: int) -> dict[str, Any]:
     model = registry.load_vae(registry.model_uri(version), client)
     loss, binarize = config.get("reconstruction_loss_type", "bce"), config.get("binarize", "none")
     scores = anomaly_scores(model, images, loss, binarize, k=k)
-    scores["complexity_corrected"] = complexity_corrected(scores.get("iw_bound", scores["nelbo"]), images)
     return {"version": str(version.version), "scores": scores, "unit": likelihood_unit(loss, binarize)}
 
 

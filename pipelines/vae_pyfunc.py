@@ -44,7 +44,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from vae.checkpoint import load_model
-from vae.ood import anomaly_scores, complexity_corrected
+from vae.ood import anomaly_scores
 
 OUTPUTS = ("reconstruction", "latent_mean", "anomaly_score", "samples")
 # Defaults of the inference parameters (the signature's ParamSchema says the same).
@@ -136,8 +136,6 @@ class VAEPyfunc(PythonModel):
                 raise _bad(f"k x images = {p['k']} x {len(x)} is over {MAX_IW_WORK:,} per request: "
                            f"send fewer images or a smaller k")
             scores = anomaly_scores(self.vae, x, self.loss_type, self.binarize, k=p["k"], seed=p["seed"])
-            nll = scores.get("iw_bound", scores["nelbo"])
-            scores["complexity_corrected"] = complexity_corrected(nll, x)
             return {**out, **{key: value.numpy() for key, value in scores.items()}}
         with torch.no_grad():
             mu, _ = self.vae.encode(x)

@@ -34,7 +34,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def anomaly_scores(model: nn.Module, images: torch.Tensor, loss_type: str = "bce", binarize: str = "none",
-                   k: int = 0, seed: int = 0, batch_size: int = 500, iw_chunk: int = 1024) -> dict[str, torch.Tensor]:
+                   k: int = 0, seed: int = 0, batch_size: int = 500, iw_chunk: int = 1024,
+                   complexity: bool = True) -> dict[str, torch.Tensor]:
     """Per-image scores in nats (β = 1), float64 on the CPU, shape (N,) each.
 
     Args:
@@ -46,17 +47,22 @@ def anomaly_scores(model: nn.Module, images: torch.Tensor, loss_type: str = "bce
         k: importance samples of the IW bound (0: the negative ELBO only).
         seed, batch_size, iw_chunk: as :func:`vae.evaluate.evaluate` (its defaults), whose figures
             these equal on the same images.
+        complexity: also ``complexity_corrected`` (:func:`complexity_corrected` of the tightest
+            bound computed: ``iw_bound`` when k > 0, else ``nelbo``).
     Returns:
-        ``nelbo``, ``recon``, ``kl`` and, when k > 0, ``iw_bound``.
+        ``nelbo``, ``recon``, ``kl``, when k > 0 ``iw_bound``, with ``complexity`` ``complexity_corrected``.
     """
     device = next(model.parameters()).device
-    split = eval_split(Split(to_uint8(images), torch.zeros(len(images), dtype=torch.long)), binarize, seed)
+    images = to_uint8(images)
+    split = eval_split(Split(images, torch.zeros(len(images), dtype=torch.long)), binarize, seed)
     batches = ImageBatches(split, batch_size, shuffle=False, device=device)
     stats = elbo_and_latents(model, batches, loss_type, seed)
     out = {"nelbo": (stats["recon"] + stats["kl"]).double(), "recon": stats["recon"].double(),
            "kl": stats["kl"].double()}
     if k > 0:
         out["iw_bound"] = iw_bound(model, batches, k, loss_type, seed, iw_chunk)
+    if complexity:
+        out["complexity_corrected"] = complexity_corrected(out.get("iw_bound", out["nelbo"]), images)
     return out
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vae.data import ImageBatches, Split, eval_split, split_indices
-from vae.likelihood import elbo_and_latents, iw_bound
+from vae.data import Split, split_indices
+from vae.ood import anomaly_scores
 
 __all__ = ["held_out_images", "paired_difference", "per_image_scores"]
 
@@ -52,18 +52,13 @@ def per_image_scores(model: nn.Module, images: Split, *, loss_type: str, binariz
 
     The images are binarised once with ``seed`` (as :func:`vae.evaluate.evaluate` does) and the
     bound's samples drawn from ``seed``: two models scored with one seed see the same images and
-    the same noise.
+    the same noise (:func:`vae.ood.anomaly_scores` computes them).
     """
-    device = next(model.parameters()).device
     was_training = model.training
-    batches = ImageBatches(eval_split(images, binarize, seed), batch_size, shuffle=False, device=device)
-    if k > 0:
-        out = iw_bound(model, batches, k, loss_type, seed, iw_chunk)
-    else:
-        stats = elbo_and_latents(model, batches, loss_type, seed)
-        out = (stats["recon"] + stats["kl"]).double()
+    scores = anomaly_scores(model, images.images, loss_type, binarize, k=k, seed=seed, batch_size=batch_size,
+                            iw_chunk=iw_chunk, complexity=False)
     model.train(was_training)
-    return out.double()
+    return scores["iw_bound"] if k > 0 else scores["nelbo"]
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:

@@ -36,6 +36,11 @@ def test_scores_average_to_the_evaluations_figures_on_the_same_images(model, bin
     assert float(scores["nelbo"].mean()) == pytest.approx(metrics["test/nelbo"], rel=1e-6)
     assert float(scores["iw_bound"].mean()) == pytest.approx(metrics["test/iw_nll_k8"], rel=1e-9)
     assert torch.allclose(scores["nelbo"], scores["recon"] + scores["kl"])
+    # The correction is taken from the tightest bound computed: the IW bound, else the negative ELBO.
+    assert torch.equal(scores["complexity_corrected"], complexity_corrected(scores["iw_bound"], images))
+    elbo_only = anomaly_scores(model, images, "bce", binarize, k=0, seed=5, batch_size=50)
+    assert "iw_bound" not in elbo_only and torch.equal(elbo_only["nelbo"], scores["nelbo"])
+    assert torch.equal(elbo_only["complexity_corrected"], complexity_corrected(scores["nelbo"], images))
     # Floats in [0, 1] score as the grey levels they came from.
     again = anomaly_scores(model, images.float().div(255).unsqueeze(1), "bce", binarize, k=8, seed=5, batch_size=50)
     assert torch.equal(again["iw_bound"], scores["iw_bound"])
