@@ -7,6 +7,7 @@ tests that ask for ``real_data_dir`` (skipped when it is absent).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -122,6 +123,41 @@ def mlflow_store(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("VAE_MLRUNS_DIR", str(store))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def empty_store_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema, created once (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("template-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def seed_store(store: Path, template: Path) -> None:
+    """Give ``store`` a copy of the template database (``empty_store_db``): no schema to create."""
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, store / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory, empty_store_db):
+    """A fresh MLflow store shared by the tests of one module (flows are slow to run twice)."""
+    with pytest.MonkeyPatch.context() as mp:
+        store = tmp_path_factory.mktemp("mlruns")
+        seed_store(store, empty_store_db)
+        mp.setenv("VAE_MLRUNS_DIR", str(store))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield store
+
+
+@pytest.fixture(scope="module")
+def module_client(module_store):
+    """An MlflowClient on the module's store (``module_store``)."""
+    import tracking
+
+    return tracking.get_client()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Fixtures of the pipeline tests: tiny flow overrides, MLflow stores shared by a test module.
+"""Fixtures of the pipeline tests: tiny flow overrides, an MLflow store per test, Prefect artifacts.
 
 The flows run in this process against the session's Prefect test server (``prefect_harness``)
 and write to a real SQLite MLflow store in a temporary folder.
@@ -6,10 +6,9 @@ and write to a real SQLite MLflow store in a temporary folder.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
+
+from tests.conftest import seed_store
 
 # The tiny model of tests/conftest.py's tiny_config, as flow overrides.
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "num_epochs": 2, "val_size": 100,
@@ -30,45 +29,12 @@ def tiny_overrides(tmp_path, tiny_data_dir) -> dict:
     return tiny_overrides_for(tiny_data_dir, tmp_path / "checkpoints")
 
 
-@pytest.fixture(scope="session")
-def empty_store_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite database with its schema, created once (migrations take seconds)."""
-    from mlflow.tracking import MlflowClient
-
-    db = tmp_path_factory.mktemp("template-store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    return db
-
-
-def _seed_store(store: Path, template: Path) -> None:
-    store.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, store / "mlflow.db")
-
-
 @pytest.fixture
 def client(mlflow_store, empty_store_db):
     """An MlflowClient on this test's own store (``mlflow_store``)."""
     import tracking
 
-    _seed_store(mlflow_store, empty_store_db)
-    return tracking.get_client()
-
-
-@pytest.fixture(scope="module")
-def module_store(tmp_path_factory, empty_store_db):
-    """A fresh MLflow store shared by the tests of one module (flows are slow to run twice)."""
-    with pytest.MonkeyPatch.context() as mp:
-        store = tmp_path_factory.mktemp("mlruns")
-        _seed_store(store, empty_store_db)
-        mp.setenv("VAE_MLRUNS_DIR", str(store))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield store
-
-
-@pytest.fixture(scope="module")
-def module_client(module_store):
-    import tracking
-
+    seed_store(mlflow_store, empty_store_db)
     return tracking.get_client()
 
 

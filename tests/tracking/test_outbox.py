@@ -10,20 +10,11 @@ import tracking
 from tracking.outbox import OUTBOX_FILE, Outbox, deliver_pending
 
 
-@pytest.fixture(scope="module")
-def store_client(tmp_path_factory):
-    """A client on one local store for the module (its schema takes seconds to make)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VAE_MLRUNS_DIR", str(tmp_path_factory.mktemp("mlruns")))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield tracking.get_client()
-
-
 @pytest.fixture
-def run(store_client):
+def run(module_client):
     """(client, a new run's id)."""
-    exp = tracking.ensure_experiment(store_client, "outbox")
-    return store_client, store_client.create_run(exp).info.run_id
+    exp = tracking.ensure_experiment(module_client, "outbox")
+    return module_client, module_client.create_run(exp).info.run_id
 
 
 def _steps(client, run_id, key="val/nelbo"):
