@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,28 +35,7 @@ import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
-from tests.reliability.faultproxy import FaultProxy, free_port, health_answers
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    end = time.monotonic() + 180
-    while not health_answers(f"http://127.0.0.1:{port}"):
-        if time.monotonic() > end or proc.poll() is not None:
-            raise RuntimeError("mlflow server did not start")
-        time.sleep(0.5)
-    return proc
-
-
-def kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+from tests.reliability.faultproxy import FaultProxy, free_port, start_mlflow_server, stop_process_group
 
 
 def epoch_times(ckpt: Path) -> list[float]:
@@ -132,7 +110,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     root, port = Path(tempfile.mkdtemp(prefix="outage-")), free_port()
     MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()
-    server = [start_server(root, port)]
+    server = [start_mlflow_server(root, port)]
     proxy = FaultProxy("127.0.0.1", port)
     uri = f"http://127.0.0.1:{proxy.port}"
     window: list[float] = []
@@ -148,9 +126,9 @@ def main(argv=None) -> None:
             proxy.cut(args.outage_s)  # accepts again by itself afterwards
             time.sleep(args.outage_s)
         else:
-            kill(server[0])
+            stop_process_group(server[0])
             time.sleep(args.outage_s)
-            server[0] = start_server(root, port)
+            server[0] = start_mlflow_server(root, port)
         window.append(time.time())  # answering again
 
     report: dict[str, dict] = {}
@@ -175,7 +153,7 @@ def main(argv=None) -> None:
         steps = res.pop("val_nelbo_steps", [])
         res["val_nelbo_steps"] = f"{len(steps)} values, steps {steps[0]}-{steps[-1]}" if steps else "none"
     proxy.close()
-    kill(server[0])
+    stop_process_group(server[0])
     print(json.dumps({"outage_s": args.outage_s, "fault": args.fault, "first": args.first,
                       "outage_epochs": f"{during[0]}-{during[-1]}" if during else "none", **report}, indent=2))
 

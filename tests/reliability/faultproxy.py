@@ -12,12 +12,18 @@ Threads, one pair per connection; ``cut`` closes the listening socket too, so cl
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
-import urllib.request
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
+from typing import Mapping
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "free_port", "health_answers", "start_mlflow_server", "stop_process_group"]
 
 
 class FaultProxy:
@@ -148,3 +154,38 @@ def health_answers(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def start_mlflow_server(root: Path, port: int, env: Mapping[str, str] | None = None,
+                        timeout: float = 180) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` (SQLite store and artifacts under ``root``, one
+    worker, its own process group, its output in ``root/server.log``), returned once it answers.
+    The same ``root`` and ``port`` start it again on the same store (a restart).
+
+    Raises:
+        RuntimeError: it exited, or did not answer within ``timeout`` s (then it is stopped);
+            the message ends with its log's tail.
+    """
+    with open(root / "server.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                env=None if env is None else dict(env), cwd=root, stdout=log, stderr=log,
+                                start_new_session=True)
+    end = time.monotonic() + timeout
+    while not health_answers(f"http://127.0.0.1:{port}"):
+        if proc.poll() is not None or time.monotonic() > end:
+            stop_process_group(proc)
+            raise RuntimeError(f"mlflow server on port {port} did not start (exit code {proc.returncode}): "
+                               f"{(root / 'server.log').read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group (a server and its workers) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

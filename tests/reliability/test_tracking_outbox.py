@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.reliability.conftest import PYTHON, ROOT, assert_one_line_error, call_cli, cli_env, tally, wait_for
-from tests.reliability.faultproxy import FaultProxy, free_port, health_answers
+from tests.reliability.faultproxy import FaultProxy, free_port, health_answers, start_mlflow_server, stop_process_group
 
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "val_size": 100, "max_train_samples": 0,
         "progress": False, "sample_every": 0, "ema_decay": 0.9, "learning_rate": 3e-3, "log_every": 5}
@@ -35,22 +35,13 @@ def server(tmp_path_factory):
     ensure_logging_setup()  # Prefect's console handler on the session's stderr, not on a test's capsys
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=cli_env(root), cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_mlflow_server(root, port, env=cli_env(root), timeout=90)
     try:
-        assert wait_for(lambda: health_answers(f"http://127.0.0.1:{port}"), timeout=90, interval=0.2, proc=proc), \
-            proc.stderr.read()[-3000:] if proc.poll() is not None else "mlflow server did not answer in 90 s"
         with FaultProxy("127.0.0.1", port) as proxy:
             proxy.url = f"http://127.0.0.1:{proxy.port}"
             yield proxy
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        stop_process_group(proc)
 
 
 @pytest.fixture
