@@ -103,7 +103,7 @@ class FaultProxy:
             with self._lock:
                 if self._listener is None and time.monotonic() >= self._down_until and not self._closed:
                     self._listen()
-                listener = self._listener
+                listener, cuts = self._listener, self.cuts
             if listener is None:
                 time.sleep(0.02)
                 continue
@@ -117,6 +117,10 @@ class FaultProxy:
                 client.close()
                 continue
             with self._lock:
+                if self.cuts != cuts or self._closed:  # a cut came while it was being accepted: it is dropped too
+                    for c in (client, upstream):
+                        c.close()
+                    continue
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
