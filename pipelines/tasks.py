@@ -193,8 +193,12 @@ def reopen_run(run_id: str) -> dict[str, str]:
 def run_sender(checkpoint_dir: str, run_id: str):
     """The sender of pipeline run ``run_id``'s outbox (in :func:`pipelines.sync.run_folder`),
     started if need be: one per run in this process, shared by its tasks."""
-    return tracking.open_sender(sync.run_folder(checkpoint_dir, run_id), run_id, tracking.get_client(check=False),
-                                sync.HANDLERS)
+    return sender_in(sync.run_folder(checkpoint_dir, run_id), run_id)
+
+
+def sender_in(folder: str | Path, run_id: str):
+    """:func:`run_sender` given the run folder itself (the ``train`` task's ``checkpoint_dir``)."""
+    return tracking.open_sender(folder, run_id, tracking.get_client(check=False), sync.HANDLERS)
 
 
 def run_outbox(checkpoint_dir: str, run_id: str) -> tracking.Outbox:
@@ -246,8 +250,7 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
     cfg = validate_config(config)
     last = Path(cfg.run.checkpoint_dir) / cfg.run.experiment_name / "last.pth"
     # The flow gives each run the folder <checkpoint_dir>/pipeline/<run id>: the outbox's too.
-    outbox = tracking.open_sender(cfg.run.checkpoint_dir, run_id, tracking.get_client(check=False),
-                                  sync.HANDLERS).outbox
+    outbox = sender_in(cfg.run.checkpoint_dir, run_id).outbox
     callback = tracking.MLflowCallback(outbox, run_id, log_checkpoints=True)
     trainer = VAETrainer(cfg, [callback], resume=last.is_file(), data=load_data(data_ref))
     result = trainer.train()
