@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
 from tests.reliability.faultproxy import FaultProxy, free_port, start_mlflow_server, stop_process_group
+from tracking.outbox import Outbox
 
 
 def epoch_times(ckpt: Path) -> list[float]:
@@ -98,6 +100,28 @@ def check_run(uri: str, run_id: str) -> dict:
             "model_versions": [v.version for v in versions]}
 
 
+def run_both(root: Path, uri: str, direct: str, epochs: int, outage, first: str) -> dict[str, dict]:
+    """The baseline and the outage run (``first``: which goes first, or ``together``: at once, one
+    thread each, the baseline talking to the server directly, the outage run through the proxy),
+    each with its MLflow run's state afterwards."""
+    report: dict[str, dict] = {}
+    runs = [("baseline", None), ("outage", outage)]
+    if first == "together":
+        both = [threading.Thread(target=lambda n=n, f=f: report.__setitem__(n, run_pipeline(
+            root, n, uri if f else direct, epochs, f, threads=1))) for n, f in runs]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join()
+    else:
+        for name, fault in runs if first == "baseline" else runs[::-1]:
+            report[name] = run_pipeline(root, name, uri, epochs, fault)
+    time.sleep(2)
+    for res in report.values():
+        res.update(check_run(uri, res["run_id"]) if res["run_id"] else {})
+    return report
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--outage-s", type=float, default=120)
@@ -114,6 +138,7 @@ def main(argv=None) -> None:
     proxy = FaultProxy("127.0.0.1", port)
     uri = f"http://127.0.0.1:{proxy.port}"
     window: list[float] = []
+    held: list[int] = []
 
     def outage(ckpt: Path) -> None:
         while True:  # after the first epoch's metrics
@@ -124,29 +149,16 @@ def main(argv=None) -> None:
         window.append(time.time())
         if args.fault == "cut":
             proxy.cut(args.outage_s)  # accepts again by itself afterwards
-            time.sleep(args.outage_s)
         else:
             stop_process_group(server[0])
-            time.sleep(args.outage_s)
+        time.sleep(args.outage_s / 2)  # halfway: what the outbox holds back shows the outage is real
+        held.append(len(Outbox(found[0].parent, found[0].parent.name).pending()))
+        time.sleep(args.outage_s / 2)
+        if args.fault == "kill":
             server[0] = start_mlflow_server(root, port)
         window.append(time.time())  # answering again
 
-    report: dict[str, dict] = {}
-    runs = [("baseline", None), ("outage", outage)]
-    if args.first == "together":  # the baseline talks to the server directly, the outage run through the proxy
-        direct = f"http://127.0.0.1:{port}"
-        both = [threading.Thread(target=lambda n=n, f=f: report.__setitem__(n, run_pipeline(
-            root, n, uri if f else direct, args.num_epochs, f, threads=1))) for n, f in runs]
-        for t in both:
-            t.start()
-        for t in both:
-            t.join()
-    else:
-        for name, fault in runs if args.first == "baseline" else runs[::-1]:
-            report[name] = run_pipeline(root, name, uri, args.num_epochs, fault)
-    time.sleep(2)
-    for res in report.values():
-        res.update(check_run(uri, res["run_id"]) if res["run_id"] else {})
+    report = run_both(root, uri, f"http://127.0.0.1:{port}", args.num_epochs, outage, args.first)
     during = inside(report["outage"]["epoch_times"], tuple(window))
     for name, res in report.items():
         res.update(epoch_medians(res.pop("epoch_times"), during))
@@ -155,7 +167,8 @@ def main(argv=None) -> None:
     proxy.close()
     stop_process_group(server[0])
     print(json.dumps({"outage_s": args.outage_s, "fault": args.fault, "first": args.first,
-                      "outage_epochs": f"{during[0]}-{during[-1]}" if during else "none", **report}, indent=2))
+                      "outage_epochs": f"{during[0]}-{during[-1]}" if during else "none",
+                      "records_held_halfway": held[0] if held else None, **report}, indent=2))
 
 
 if __name__ == "__main__":
