@@ -1,29 +1,34 @@
 """Likelihood benchmark: train ``get_benchmark_config()`` on the CPU, report the test IW bound.
 
 Protocol of the published numbers: Bernoulli decoder (BCE), dynamically binarised MNIST for
-training, one fixed binarisation of the test images, the importance-weighted bound with
-k = 5,000 samples (Burda et al. 2015), nats per image. Anchors: VAE 86.76 / IWAE 84.78 (one
-stochastic layer, MLP), 2-layer IWAE 82.90, NVAE 78.01.
+training, one fixed binarisation of the test images, the importance-weighted bound (Burda et al.
+2015), nats per image. Anchors: VAE 86.76 / IWAE 84.78 (one stochastic layer, MLP), 2-layer IWAE
+82.90, PixelVAE 79.02, NVAE 78.01.
 
 A time budget (``--minutes``) is turned into a number of epochs before training starts (a short
 calibration measures steps per second), so the cosine learning-rate schedule and the KL warm-up
 (``beta_steps`` = 15% of all steps) fit the budget; a timer stops training at the deadline
 regardless. ``--epochs`` sets the number of epochs instead (the schedule then fits those), still
-stopped at the ``--minutes`` deadline.
+stopped at the ``--minutes`` deadline. Model selection uses the validation split only.
 
-The IW bound costs k decoder passes per image (k = 5,000 on all 10,000 test images is 50 million
-passes: hours on 2 cores), so it is computed on the first ``--test_images`` test images (default
-1,000, with its standard error); the negative ELBO and the active units use all 10,000.
+The defaults are the record run: the IW bound with k = 1,000 on all 10,000 test images, then
+k = 5,000 on the first ``--check_images`` to show the bound has converged (their paired
+difference), then the time-to-quality curve: every ``--snapshot_minutes`` of training the best
+model so far (by validation) is kept, and each is scored afterwards with ``--curve_k`` samples on
+the first ``--curve_images`` test images. ``--use_latent false`` runs the z-removed ablation (the
+same decoder without z); its importance weights all equal p(x), so k = 1 is exact and is used.
 
-    python -m benchmarks.quality --minutes 60                      # the full benchmark
-    python -m benchmarks.quality --minutes 4 --k 500 --test_images 500   # a quick look
-    python -m benchmarks.quality --epochs 3 --decoder conv               # any config key overrides the preset
+    python -m benchmarks.quality                                   # the record run (60 minutes + evaluation)
+    python -m benchmarks.quality --use_latent false                # the same decoder with z removed
+    python -m benchmarks.quality --minutes 4 --k 100 --test_images 500 --check_k 0   # a quick look
+    python -m benchmarks.quality --epochs 3 --decoder conv         # any config key overrides the preset
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -36,7 +41,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from vae.config import ConfigError, add_config_arguments, config_from_args, get_benchmark_config  # noqa: E402
-from vae.data import ImageBatches, load_dataset, split_train_val  # noqa: E402
+from vae.data import ImageBatches, Split, eval_split, load_dataset, split_train_val  # noqa: E402
+from vae.likelihood import iw_bound  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
 from vae.files import write_atomic  # noqa: E402
 from vae.losses import build_loss  # noqa: E402
@@ -84,56 +90,125 @@ class Deadline(Callback):
             self.timer.cancel()
 
 
-def score(model_path: str, data, k: int, test_images: int) -> dict:
-    """Test NELBO on all test images and the IW bound with ``k`` samples on the first ``test_images``."""
+class Snapshots(Callback):
+    """Every ``every_s`` seconds of training, keep a copy of the best model so far (by validation),
+    and the final one: the points of the time-to-quality curve, scored after training."""
+
+    def __init__(self, every_s: float, folder: str | Path):
+        self.every_s, self.folder, self.taken = every_s, Path(folder), []
+        self.t0, self.best = 0.0, None
+
+    def on_train_start(self, trainer) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_checkpoint(self, trainer, path, kind: str) -> None:
+        if kind == "best":
+            self.best = Path(path)
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
+        if self.every_s > 0 and time.perf_counter() - self.t0 >= self.every_s * (len(self.taken) + 1):
+            self._take(epoch)
+
+    def on_train_end(self, trainer, result: dict) -> None:
+        if self.every_s > 0 and (not self.taken or self.taken[-1]["epoch"] != result["epochs_completed"]):
+            self._take(result["epochs_completed"])
+
+    def _take(self, epoch: int) -> None:
+        if self.best is None:
+            return
+        minutes = (time.perf_counter() - self.t0) / 60
+        dest = self.folder / f"epoch_{epoch:04d}.pth"
+        write_atomic(dest, self.best.read_bytes())
+        self.taken.append({"minutes": round(minutes, 3), "epoch": epoch, "path": str(dest)})
+
+
+def _load(model_path: str | Path):
     model, checkpoint = load_model(model_path)
-    model = fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
-    t1 = time.perf_counter()
-    full = evaluate(model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
+    return fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
+
+
+def score(model_path: str, data, k: int, test_images: int) -> dict:
+    """The IW bound with ``k`` samples on the first ``test_images`` (0 = all) and the negative ELBO,
+    KL and active units on all test images."""
+    model, t1 = _load(model_path), time.perf_counter()
     sub = evaluate(model, data, loss_type="bce", binarize="dynamic", k=k, probe=False, fid=False,
                    max_test_images=test_images)
-    return {"eval_minutes": (time.perf_counter() - t1) / 60, "test/nelbo": full["test/nelbo"],
+    full = sub if sub["test/num_images"] == len(data.test_images) else evaluate(
+        model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
+    return {"eval_minutes": (time.perf_counter() - t1) / 60, "k": k, "test/nelbo": full["test/nelbo"],
             "test/recon": full["test/recon"], "test/kl": full["test/kl"],
             "test/active_units": full["test/active_units"], "iw_test_images": sub["test/num_images"],
-            f"test/iw_nll_k{k}": sub[f"test/iw_nll_k{k}"], f"test/iw_nll_k{k}_se": sub[f"test/iw_nll_k{k}_se"],
+            "test/iw_nll": sub[f"test/iw_nll_k{k}"], "test/iw_nll_se": sub[f"test/iw_nll_k{k}_se"],
             "subset/nelbo": sub["test/nelbo"], "model_path": model_path}
 
 
-def report(out: dict, k: int, latent_dim: int) -> None:
+def convergence(model_path: str, data, k: int, check_k: int, images: int) -> dict:
+    """The bound with ``check_k`` against ``k`` samples on the same first ``images`` test images:
+    the mean paired difference (and its standard error) says whether k samples have converged."""
+    model, t1 = _load(model_path), time.perf_counter()
+    test = eval_split(Split(data.test_images, data.test_labels), "dynamic", 0, images)
+    bounds = [iw_bound(model, ImageBatches(test, 500, shuffle=False), n, "bce", seed=0) for n in (k, check_k)]
+    diff = bounds[0] - bounds[1]
+    return {"images": len(test), "k": k, "check_k": check_k, "bound_k": float(bounds[0].mean()),
+            "bound_check_k": float(bounds[1].mean()), "difference": float(diff.mean()),
+            "difference_se": float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0,
+            "minutes": (time.perf_counter() - t1) / 60}
+
+
+def quality_curve(snapshots: list[dict], data, k: int, images: int) -> list[dict]:
+    """Each snapshot's IW bound (``k`` samples, first ``images`` test images) against training minutes."""
+    rows = []
+    for snap in snapshots:
+        m = evaluate(_load(snap["path"]), data, loss_type="bce", binarize="dynamic", k=k, probe=False,
+                     fid=False, max_test_images=images)
+        rows.append({"minutes": snap["minutes"], "epoch": snap["epoch"], "k": k, "images": int(m["test/num_images"]),
+                     "iw_nll": m[f"test/iw_nll_k{k}"], "iw_nll_se": m[f"test/iw_nll_k{k}_se"]})
+    return rows
+
+
+def report(out: dict, latent_dim: int) -> None:
     """The results as a few lines: nats per image, with the protocol each number follows."""
+    k = out["k"]
     print(f"epochs {out['epochs']} ({out['status']}), training {out['train_minutes']:.1f} min, "
           f"evaluation {out['eval_minutes']:.1f} min")
-    print(f"test NELBO (10,000 images): {out['test/nelbo']:.2f} nats (recon {out['test/recon']:.2f}, "
-          f"KL {out['test/kl']:.2f}); active units {out['test/active_units']:.0f} of {latent_dim}")
-    print(f"test IW bound k={k} on {int(out['iw_test_images'])} images: {out[f'test/iw_nll_k{k}']:.2f} "
-          f"± {out[f'test/iw_nll_k{k}_se']:.2f} nats (NELBO on the same images {out['subset/nelbo']:.2f})")
-    print(f"model: {out['model_path']} (more test images later: python -m vae.evaluate --model_path "
-          f"{out['model_path']} --k {k} --no_probe --no_fid)")
+    print(f"test NELBO (all test images): {out['test/nelbo']:.2f} nats "
+          f"(recon {out['test/recon']:.2f}, KL {out['test/kl']:.2f}); active units "
+          f"{out['test/active_units']:.0f} of {latent_dim}")
+    print(f"test IW bound k={k} on {int(out['iw_test_images'])} images: {out['test/iw_nll']:.2f} "
+          f"± {out['test/iw_nll_se']:.2f} nats (NELBO on the same images {out['subset/nelbo']:.2f})")
+    check = out.get("convergence")
+    if check:
+        print(f"k={check['check_k']} vs k={check['k']} on the first {check['images']} test images: "
+              f"{check['bound_check_k']:.3f} vs {check['bound_k']:.3f} nats, difference "
+              f"{check['difference']:.3f} ± {check['difference_se']:.3f} ({check['minutes']:.1f} min)")
+    for row in out.get("curve", []):
+        print(f"  after {row['minutes']:5.1f} min (epoch {row['epoch']:3d}): IW bound k={row['k']} on "
+              f"{row['images']} test images {row['iw_nll']:.2f} ± {row['iw_nll_se']:.2f} nats")
+    print(f"model: {out['model_path']}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="training budget in minutes (default: 60)")
     p.add_argument("--epochs", type=int, default=0,
                    help="plan N epochs instead of calibrating them (the --minutes deadline still applies)")
-    p.add_argument("--k", type=int, default=5000, help="importance samples (default: 5000)")
-    p.add_argument("--test_images", type=int, default=1000, help="test images for the IW bound (default: 1000)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--k", type=int, default=1000, help="importance samples of the reported bound (default: 1000)")
+    p.add_argument("--test_images", type=int, default=0, help="first N test images for the bound (0 = all 10,000)")
+    p.add_argument("--check_k", type=int, default=5000, help="samples of the convergence check (0 = skip)")
+    p.add_argument("--check_images", type=int, default=200, help="test images of the convergence check")
+    p.add_argument("--snapshot_minutes", type=float, default=5.0, help="time-to-quality points (0 = none)")
+    p.add_argument("--curve_k", type=int, default=100, help="samples per time-to-quality point")
+    p.add_argument("--curve_images", type=int, default=1000, help="test images per time-to-quality point")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch's default)")
+    p.add_argument("--eval_threads", type=int, default=0, help="torch threads for evaluation (0 = every core)")
     p.add_argument("--output_dir", default="outputs/quality", help="run folder and results.json")
     add_config_arguments(p)  # any config key overrides the benchmark preset, e.g. --latent_dim 32
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return p
 
-    base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
-            "device": "cpu"}
-    try:
-        cfg = config_from_args(args, base)
-    except ConfigError as e:
-        p.error(str(e))
-    data = load_dataset(cfg.data.data_dir)
-    n_train = len(data.train_images) - cfg.data.val_size
-    steps_per_epoch = n_train // cfg.train.batch_size
+
+def plan(cfg, data, args):
+    """The config with ``num_epochs`` and ``beta_steps`` fitted to the budget (or ``--epochs``)."""
+    steps_per_epoch = (len(data.train_images) - cfg.data.val_size) // cfg.train.batch_size
     if args.epochs:
         epochs, rate = args.epochs, None
     else:
@@ -144,19 +219,46 @@ def main(argv=None) -> int:
     cfg = cfg.replace(num_epochs=epochs, beta_steps=int(0.15 * epochs * steps_per_epoch))
     print(f"training {epochs} epoch(s) x {steps_per_epoch} steps"
           + (f" (calibrated {rate:.2f} steps/s for a {args.minutes:g}-minute budget)" if rate else "")
-          + f"; hidden {list(cfg.model.hidden_dims)}, latent {cfg.model.latent_dim}, "
+          + f"; hidden {list(cfg.model.hidden_dims)}, latent {cfg.model.latent_dim}"
+            f"{'' if cfg.model.use_latent else ' (removed: use_latent false)'}, "
             f"beta_steps {cfg.loss.beta_steps}, {torch.get_num_threads()} thread(s)", flush=True)
+    return cfg
 
-    callbacks = [Deadline(args.minutes * 60)]  # the budget holds with --epochs too
+
+def evaluate_run(args, cfg, data, model_path: str, snapshots: Snapshots) -> dict:
+    """Score the run: the reported bound, the convergence check, the time-to-quality curve."""
+    torch.set_num_threads(args.eval_threads or os.cpu_count() or 1)
+    k = args.k if cfg.model.use_latent else 1  # without z every weight is p(x): k = 1 is exact
+    out = score(model_path, data, k, args.test_images)
+    if args.check_k and cfg.model.use_latent:
+        out["convergence"] = convergence(model_path, data, args.k, args.check_k, args.check_images)
+    out["curve"] = quality_curve(snapshots.taken, data, args.curve_k if cfg.model.use_latent else 1,
+                                 args.curve_images)
+    return out
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
+            "device": "cpu"}
+    try:
+        cfg = config_from_args(args, base)
+    except ConfigError as e:
+        p.error(str(e))
+    data = load_dataset(cfg.data.data_dir)
+    cfg = plan(cfg, data, args)
+    snapshots = Snapshots(args.snapshot_minutes * 60, Path(args.output_dir) / "snapshots")
     t0 = time.perf_counter()
-    result = VAETrainer(cfg, callbacks, overwrite=True, data=data).train()
+    result = VAETrainer(cfg, [Deadline(args.minutes * 60), snapshots], overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0
-    model_path = result["best_model_path"] or result["last_model_path"]
-    out = score(model_path, data, args.k, args.test_images)
+    out = evaluate_run(args, cfg, data, result["best_model_path"] or result["last_model_path"], snapshots)
     out.update(epochs=result["epochs_completed"], status=result["status"], train_minutes=train_s / 60,
                config=cfg.to_dict())
     write_atomic(Path(args.output_dir) / "results.json", json.dumps(out, indent=2) + "\n")
-    report(out, args.k, cfg.model.latent_dim)
+    report(out, cfg.model.latent_dim)
     return 0
 
 

@@ -60,6 +60,7 @@ class ModelConfig:
                 "the pixels before it; needs bce)")
     ar_channels: int = _f(32, "width of the autoregressive decoder head", ge=1)
     ar_kernel: int = _f(7, "odd kernel size of the autoregressive head's causal neighbourhood", ge=3)
+    use_latent: bool = _f(True, "false: the ablation with z removed (the decoder gets z = 0, q(z|x) = p(z), KL = 0)")
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``vae.model.VAE`` for this section."""

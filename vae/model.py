@@ -10,6 +10,8 @@ Two decoders:
 - ``'conv'`` (default, the seed's): pixels independent given z, p(x|z) = Π_i p(x_i|z).
 - ``'autoregressive'``: p(x|z) = Π_i p(x_i | z, x_<i), each pixel also given the causal k×k
   neighbourhood of the pixels before it (:class:`vae.autoregressive.LocalAutoregressiveHead`).
+
+``use_latent=False`` is the ablation that shows what z adds: the same network with z removed.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ class VAE(nn.Module):
         decoder: ``'conv'`` (pixels independent given z) or ``'autoregressive'`` (each pixel also
             given the k×k causal neighbourhood of the pixels before it; Bernoulli likelihood).
         ar_channels, ar_kernel: width and kernel size of the autoregressive head.
+        use_latent: ``False`` removes z (the ablation): ``encode`` returns q(z|x) = p(z) = N(0, I)
+            and the decoder gets z = 0, so the KL term is 0, every bound equals log p(x) exactly and
+            the model is its decoder alone. The encoder's weights stay (same state_dict) but unused.
     """
 
     def __init__(self, in_channels: int = 1, hidden_dims: Sequence[int] = (32, 64, 128, 256),
                  latent_dim: int = 128, image_size: int = 28, beta: float = 1.0, decoder: str = "conv",
-                 ar_channels: int = 32, ar_kernel: int = 7):
+                 ar_channels: int = 32, ar_kernel: int = 7, use_latent: bool = True):
         super().__init__()
         hidden_dims = list(hidden_dims)
         if not hidden_dims:
@@ -58,7 +63,7 @@ class VAE(nn.Module):
         if decoder not in ("conv", "autoregressive"):
             raise ValueError(f"decoder must be 'conv' or 'autoregressive', got {decoder!r}")
         self.in_channels, self.latent_dim, self.image_size, self.beta = in_channels, latent_dim, image_size, beta
-        self.hidden_dims = hidden_dims
+        self.hidden_dims, self.use_latent = hidden_dims, use_latent
 
         # Spatial size after each stage, e.g. 28 -> [14, 7, 4, 2] for four stages.
         sizes = [image_size]
@@ -105,10 +110,15 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> (mu, log_var), each (B, latent_dim)."""
+        if not self.use_latent:  # q(z|x) = p(z): mu = 0, log_var = 0
+            zeros = x.new_zeros(x.shape[0], self.latent_dim)
+            return zeros, zeros
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_log_var(h)
 
     def _features(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.use_latent:
+            z = torch.zeros_like(z)
         h = self.decoder_input(z).view(-1, self.hidden_dims[-1], self._bottom, self._bottom)
         return self.final_layer(self.decoder(h))
 

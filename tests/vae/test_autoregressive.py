@@ -129,3 +129,52 @@ def test_trainer_checkpoint_and_evaluation_work_with_the_autoregressive_decoder(
     assert metrics["test/iw_nll_k16"] < metrics["test/nelbo"]
     samples = VAESampler(result["best_model_path"]).sample_random(4)
     assert samples.shape == (4, 1, 28, 28)
+
+
+def test_without_the_latent_the_decoder_ignores_z_and_every_bound_is_the_exact_likelihood():
+    """use_latent=False (the z-removed ablation): q(z|x) = p(z), the decoder gets z = 0, so KL = 0
+    and every importance weight equals p(x): the IW bound with any k is the ELBO, exactly."""
+    from vae.likelihood import iw_log_weights
+
+    torch.manual_seed(0)
+    model = VAE(1, [4, 8], 3, 28, decoder="autoregressive", ar_channels=8, ar_kernel=5, use_latent=False).eval()
+    x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.3))
+    mu, log_var = model.encode(x)
+    assert torch.equal(mu, torch.zeros(4, 3)) and torch.equal(log_var, torch.zeros(4, 3))
+    assert torch.equal(model.decode_logits(torch.randn(4, 3), x), model.decode_logits(torch.randn(4, 3) * 9, x))
+    log_w = iw_log_weights(model, x, 50, "bce", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(log_w, log_w[:, :1].expand(-1, 50), atol=1e-4), "the weights must not depend on z"
+    log_px = -F.binary_cross_entropy_with_logits(model.decode_logits(mu, x), x, reduction="none").flatten(1).sum(1)
+    assert torch.allclose(log_w[:, 0], log_px, atol=1e-4)
+    assert model.state_dict().keys() == _ar_vae(kernel=5).state_dict().keys()
+
+
+def test_the_decoder_without_the_latent_is_a_normalised_distribution():
+    torch.manual_seed(0)
+    model = VAE(1, [4, 8], 3, 3, decoder="autoregressive", ar_channels=8, ar_kernel=3, use_latent=False).eval()
+    xs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9))).view(-1, 1, 3, 3)
+    with torch.no_grad():
+        logits = model.decode_logits(torch.randn(len(xs), 3), xs)
+    log_p = -F.binary_cross_entropy_with_logits(logits, xs, reduction="none").flatten(1).sum(1)
+    assert float(torch.logsumexp(log_p.double(), 0).exp()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_z_removed_ablation_trains_and_round_trips_through_a_checkpoint(tiny_config):
+    from vae.data import load_dataset
+    from vae.evaluate import evaluate
+    from vae.train import VAETrainer
+    from vae.utils import load_model
+
+    cfg = {**tiny_config, "decoder": "autoregressive", "ar_channels": 8, "ar_kernel": 3, "use_latent": False,
+           "reconstruction_loss_type": "bce", "binarize": "dynamic", "num_epochs": 2}
+    result = VAETrainer(cfg).train()
+    assert result["status"] == "completed"
+    assert all(row["val/kl"] == 0.0 for row in result["history"])
+    history = [row["val/nelbo"] for row in result["history"]]
+    assert history[-1] < history[0]
+    model, checkpoint = load_model(result["best_model_path"])
+    assert model.use_latent is False and checkpoint["config"]["use_latent"] is False
+    metrics = evaluate(model, load_dataset(cfg["data_dir"]), loss_type="bce", binarize="dynamic", k=16,
+                       probe=False, fid=False, max_test_images=50)
+    assert metrics["test/kl"] == 0.0 and metrics["test/active_units"] == 0
+    assert metrics["test/iw_nll_k16"] == pytest.approx(metrics["test/nelbo"], abs=1e-3)

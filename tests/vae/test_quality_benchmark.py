@@ -1,0 +1,65 @@
+"""benchmarks/quality.py: the record run's protocol on a tiny model (bound, convergence check,
+time-to-quality snapshots) and the z-removed ablation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.quality import main
+from vae.checkpoint import load_model
+from vae.data import load_dataset
+from vae.evaluate import evaluate
+
+TINY = ["--epochs", "3", "--minutes", "10", "--hidden_dims", "8", "16", "--latent_dim", "4", "--ar_channels", "8",
+        "--ar_kernel", "3", "--batch_size", "50", "--val_size", "100", "--curve_images", "40",
+        "--check_images", "30", "--eval_threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_record_protocol_scores_all_test_images_checks_convergence_and_keeps_a_curve(tiny_data_dir, tmp_path,
+                                                                                          capsys):
+    out_dir = tmp_path / "record"
+    assert main([*TINY, "--data_dir", str(tiny_data_dir), "--output_dir", str(out_dir), "--k", "8",
+                 "--check_k", "32", "--snapshot_minutes", "1e-6", "--curve_k", "4"]) == 0
+    out = json.loads((out_dir / "results.json").read_text())
+    assert out["status"] == "completed" and out["epochs"] == 3 and out["k"] == 8
+    assert out["iw_test_images"] == 200  # all of the tiny test set
+    assert out["test/iw_nll"] < out["test/nelbo"]  # the same 200 images: the IW bound is tighter
+    check = out["convergence"]
+    assert check["images"] == 30 and check["check_k"] == 32
+    assert check["difference"] == pytest.approx(check["bound_k"] - check["bound_check_k"])
+    assert check["difference_se"] > 0
+    model, _ = load_model(out["model_path"])  # the check scores the evaluation's images, binarised the same way
+    same = evaluate(model, load_dataset(str(tiny_data_dir)), loss_type="bce", binarize="dynamic", k=8, probe=False,
+                    fid=False, max_test_images=30)
+    assert check["bound_k"] == pytest.approx(same["test/iw_nll_k8"], abs=1e-4)
+    curve = out["curve"]  # one point per epoch (a snapshot is due every epoch), the final model last
+    assert [row["epoch"] for row in curve] == [1, 2, 3]
+    assert all(a["minutes"] < b["minutes"] for a, b in zip(curve, curve[1:]))
+    assert all(row["k"] == 4 and row["images"] == 40 for row in curve)
+    snapshots = sorted((out_dir / "snapshots").glob("epoch_*.pth"))
+    assert len(snapshots) == 3
+    model, checkpoint = load_model(snapshots[-1])
+    assert model.autoregressive and checkpoint["epoch"] <= 3
+    printed = capsys.readouterr().out
+    assert "k=32 vs k=8 on the first 30 test images" in printed and "IW bound k=8 on 200 images" in printed
+
+
+def test_the_ablation_removes_z_and_scores_it_exactly_with_one_sample(tiny_data_dir, tmp_path):
+    out_dir = tmp_path / "ablation"
+    assert main([*TINY, "--data_dir", str(tiny_data_dir), "--output_dir", str(out_dir), "--k", "8",
+                 "--check_k", "32", "--snapshot_minutes", "0", "--use_latent", "false"]) == 0
+    out = json.loads((out_dir / "results.json").read_text())
+    assert out["config"]["use_latent"] is False and out["k"] == 1  # every weight is p(x): k = 1 is exact
+    assert out["test/kl"] == 0.0 and out["test/active_units"] == 0
+    assert out["test/iw_nll"] == pytest.approx(out["test/nelbo"], abs=1e-3)
+    assert "convergence" not in out and out["curve"] == []
