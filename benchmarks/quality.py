@@ -43,6 +43,8 @@ if str(REPO) not in sys.path:
 from vae.config import ConfigError, add_config_arguments, config_from_args, get_benchmark_config  # noqa: E402
 from vae.data import ImageBatches, Split, eval_split, load_dataset, split_train_val  # noqa: E402
 from vae.likelihood import iw_bound  # noqa: E402
+from vae.figures import plot_time_to_quality  # noqa: E402
+from benchmarks.time_to_quality import run_label  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
 from vae.files import write_atomic  # noqa: E402
 from vae.losses import build_loss  # noqa: E402
@@ -249,14 +251,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         p.error(str(e))
     data = load_dataset(cfg.data.data_dir)
-    cfg = plan(cfg, data, args)
+    cfg, threads = plan(cfg, data, args), torch.get_num_threads()
     snapshots = Snapshots(args.snapshot_minutes * 60, Path(args.output_dir) / "snapshots")
     t0 = time.perf_counter()
     result = VAETrainer(cfg, [Deadline(args.minutes * 60), snapshots], overwrite=True, data=data).train()
     train_s = time.perf_counter() - t0
     out = evaluate_run(args, cfg, data, result["best_model_path"] or result["last_model_path"], snapshots)
     out.update(epochs=result["epochs_completed"], status=result["status"], train_minutes=train_s / 60,
-               config=cfg.to_dict())
+               train_threads=threads, config=cfg.to_dict())
+    if out["curve"]:
+        plot_time_to_quality({run_label(out): out["curve"]}, Path(args.output_dir) / "time_to_quality.png")
     write_atomic(Path(args.output_dir) / "results.json", json.dumps(out, indent=2) + "\n")
     report(out, cfg.model.latent_dim)
     return 0

@@ -26,7 +26,7 @@ from vae.metrics import ACTIVE_UNIT_THRESHOLD, active_units
 
 __all__ = ["loss_curves_figure", "plot_interpolations", "plot_kl_per_dim", "plot_latent_grid", "plot_latent_pca",
            "plot_loss_curves", "plot_prior_samples", "plot_reconstructions", "plot_score_histograms",
-           "plot_traversals", "save_image_grid",
+           "plot_time_to_quality", "plot_traversals", "save_image_grid",
            "write_figures"]
 
 
@@ -233,6 +233,24 @@ def plot_score_histograms(groups: Mapping[str, torch.Tensor], path: str | Path, 
         ax.hist(group.double().numpy(), bins=bins, alpha=0.55, label=f"{name} ({len(group):,})")
     ax.set(title=title, xlabel=xlabel, ylabel="images")
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_time_to_quality(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                         title: str = "Test IW bound against training time") -> Path:
+    """One line per run: rows with ``minutes``, ``iw_nll`` and ``iw_nll_se`` (nats), e.g. the
+    ``curve`` of ``benchmarks/quality.py``'s results; the legend names each run's k and images."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    for name, rows in curves.items():
+        if rows:
+            label = f"{name} (k = {rows[0]['k']:,}, {rows[0]['images']:,} test images)"
+            ax.errorbar([r["minutes"] for r in rows], [r["iw_nll"] for r in rows],
+                        yerr=[r["iw_nll_se"] for r in rows], marker="o", markersize=3, capsize=2, label=label)
+    ax.set(title=title, xlabel="training wall-clock time, minutes", ylabel="−log p(x) bound, nats per image")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -4,11 +4,13 @@ time-to-quality snapshots) and the z-removed ablation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.quality import main
+from benchmarks.time_to_quality import main as time_to_quality, run_label
 from vae.checkpoint import load_model
 from vae.data import load_dataset
 from vae.evaluate import evaluate
@@ -50,6 +52,7 @@ def test_the_record_protocol_scores_all_test_images_checks_convergence_and_keeps
     assert len(snapshots) == 3
     model, checkpoint = load_model(snapshots[-1])
     assert model.autoregressive and checkpoint["epoch"] <= 3
+    assert (out_dir / "time_to_quality.png").stat().st_size > 0 and out["train_threads"] >= 1
     printed = capsys.readouterr().out
     assert "k=32 vs k=8 on the first 30 test images" in printed and "IW bound k=8 on 200 images" in printed
 
@@ -63,3 +66,23 @@ def test_the_ablation_removes_z_and_scores_it_exactly_with_one_sample(tiny_data_
     assert out["test/kl"] == 0.0 and out["test/active_units"] == 0
     assert out["test/iw_nll"] == pytest.approx(out["test/nelbo"], abs=1e-3)
     assert "convergence" not in out and out["curve"] == []
+
+
+def test_the_time_to_quality_figure_draws_one_line_per_run_and_refuses_other_files(tmp_path, capsys):
+    rows = [{"minutes": m, "epoch": e, "k": 100, "images": 1000, "iw_nll": nats, "iw_nll_se": 0.5}
+            for m, e, nats in ((5.0, 10, 90.0), (10.0, 20, 86.5))]
+    runs = []
+    for name, use_latent in (("vae", True), ("pixel", False)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"curve": rows, "train_threads": 2,
+                                    "config": {"decoder": "autoregressive", "use_latent": use_latent}}))
+        runs.append(str(path))
+    assert run_label(json.loads(Path(runs[1]).read_text())) == "autoregressive decoder, z removed, 2 threads"
+    assert time_to_quality([*runs, "--out", str(tmp_path / "fig.png")]) == 0
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out.count("86.50 ± 0.50 nats") == 2
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        time_to_quality([str(tmp_path / "bad.json"), "--out", str(tmp_path / "no.png")])
+    assert exit_.value.code == 2 and "not a results.json of benchmarks/quality.py" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
