@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vae.config import ConfigError, add_config_arguments, config_from_args, get_benchmark_config  # noqa: E402
+from vae.config import (ConfigError, add_config_arguments, config_from_args, get_benchmark_config,  # noqa: E402
+                        validate_config)
 from vae.data import ImageBatches, Split, eval_split, load_dataset, split_train_val  # noqa: E402
 from vae.likelihood import iw_bound  # noqa: E402
 from vae.figures import plot_time_to_quality  # noqa: E402
@@ -129,14 +130,14 @@ def _load(model_path: str | Path):
     return fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
 
 
-def score(model_path: str, data, k: int, test_images: int) -> dict:
+def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dict:
     """The IW bound with ``k`` samples on the first ``test_images`` (0 = all) and the negative ELBO,
     KL and active units on all test images."""
     model, t1 = _load(model_path), time.perf_counter()
     sub = evaluate(model, data, loss_type="bce", binarize="dynamic", k=k, probe=False, fid=False,
-                   max_test_images=test_images)
+                   max_test_images=test_images, seed=seed)
     full = sub if sub["test/num_images"] == len(data.test_images) else evaluate(
-        model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False)
+        model, data, loss_type="bce", binarize="dynamic", k=0, probe=False, fid=False, seed=seed)
     return {"eval_minutes": (time.perf_counter() - t1) / 60, "k": k, "test/nelbo": full["test/nelbo"],
             "test/recon": full["test/recon"], "test/kl": full["test/kl"],
             "test/active_units": full["test/active_units"], "iw_test_images": sub["test/num_images"],
@@ -144,12 +145,12 @@ def score(model_path: str, data, k: int, test_images: int) -> dict:
             "subset/nelbo": sub["test/nelbo"], "model_path": model_path}
 
 
-def convergence(model_path: str, data, k: int, check_k: int, images: int) -> dict:
+def convergence(model_path: str, data, k: int, check_k: int, images: int, seed: int = 0) -> dict:
     """The bound with ``check_k`` against ``k`` samples on the same first ``images`` test images:
     the mean paired difference (and its standard error) says whether k samples have converged."""
     model, t1 = _load(model_path), time.perf_counter()
-    test = eval_split(Split(data.test_images, data.test_labels), "dynamic", 0, images)
-    bounds = [iw_bound(model, ImageBatches(test, 500, shuffle=False), n, "bce", seed=0) for n in (k, check_k)]
+    test = eval_split(Split(data.test_images, data.test_labels), "dynamic", seed, images)
+    bounds = [iw_bound(model, ImageBatches(test, 500, shuffle=False), n, "bce", seed=seed) for n in (k, check_k)]
     diff = bounds[0] - bounds[1]
     return {"images": len(test), "k": k, "check_k": check_k, "bound_k": float(bounds[0].mean()),
             "bound_check_k": float(bounds[1].mean()), "difference": float(diff.mean()),
@@ -157,12 +158,12 @@ def convergence(model_path: str, data, k: int, check_k: int, images: int) -> dic
             "minutes": (time.perf_counter() - t1) / 60}
 
 
-def quality_curve(snapshots: list[dict], data, k: int, images: int) -> list[dict]:
+def quality_curve(snapshots: list[dict], data, k: int, images: int, seed: int = 0) -> list[dict]:
     """Each snapshot's IW bound (``k`` samples, first ``images`` test images) against training minutes."""
     rows = []
     for snap in snapshots:
         m = evaluate(_load(snap["path"]), data, loss_type="bce", binarize="dynamic", k=k, probe=False,
-                     fid=False, max_test_images=images)
+                     fid=False, max_test_images=images, seed=seed)
         rows.append({"minutes": snap["minutes"], "epoch": snap["epoch"], "k": k, "images": int(m["test/num_images"]),
                      "iw_nll": m[f"test/iw_nll_k{k}"], "iw_nll_se": m[f"test/iw_nll_k{k}_se"]})
     return rows
@@ -186,7 +187,7 @@ def report(out: dict, latent_dim: int) -> None:
     for row in out.get("curve", []):
         print(f"  after {row['minutes']:5.1f} min (epoch {row['epoch']:3d}): IW bound k={row['k']} on "
               f"{row['images']} test images {row['iw_nll']:.2f} ± {row['iw_nll_se']:.2f} nats")
-    print(f"model: {out['model_path']}")
+    print(f"model: {out['model_path']}\nthe same run through the pipeline (MLflow): {out['pipeline_command']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,13 +231,28 @@ def plan(cfg, data, args):
 def evaluate_run(args, cfg, data, model_path: str, snapshots: Snapshots) -> dict:
     """Score the run: the reported bound, the convergence check, the time-to-quality curve."""
     torch.set_num_threads(args.eval_threads or os.cpu_count() or 1)
-    k = args.k if cfg.model.use_latent else 1  # without z every weight is p(x): k = 1 is exact
-    out = score(model_path, data, k, args.test_images)
+    k, seed = (args.k if cfg.model.use_latent else 1), cfg.run.seed  # without z every weight is p(x): k = 1 is exact
+    out = score(model_path, data, k, args.test_images, seed)
     if args.check_k and cfg.model.use_latent:
-        out["convergence"] = convergence(model_path, data, args.k, args.check_k, args.check_images)
+        out["convergence"] = convergence(model_path, data, args.k, args.check_k, args.check_images, seed)
     out["curve"] = quality_curve(snapshots.taken, data, args.curve_k if cfg.model.use_latent else 1,
-                                 args.curve_images)
+                                 args.curve_images, seed)
+    out["pipeline_command"] = pipeline_command(cfg, k, args.test_images)
     return out
+
+
+def pipeline_command(cfg, k: int, test_images: int) -> str:
+    """The ``vae-pipeline`` command that trains and scores this run again, into MLflow: the preset
+    with every key this run changed (the fitted epochs and warm-up among them), the same k."""
+    preset = validate_config(get_benchmark_config()).to_dict()
+    flags = []
+    for key, value in cfg.to_dict().items():
+        if value != preset[key] and key not in ("checkpoint_dir", "progress"):
+            text = " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            flags.append(f"--{key} {text}")
+    eval_flags = f"--iw_k {k}" + (f" --eval_max_images {test_images}" if test_images else "")
+    return " ".join(["vae-pipeline --preset benchmark", *flags, eval_flags])
 
 
 def main(argv=None) -> int:
