@@ -40,9 +40,9 @@ def test_the_record_protocol_scores_all_test_images_checks_convergence_and_keeps
     assert check["images"] == 30 and check["check_k"] == 32
     assert check["difference"] == pytest.approx(check["bound_k"] - check["bound_check_k"])
     assert check["difference_se"] > 0
-    model, _ = load_model(out["model_path"])  # the check scores the evaluation's images, binarised the same way
+    model, ckpt = load_model(out["model_path"])  # the check scores the evaluation's images, binarised the same way
     same = evaluate(model, load_dataset(str(tiny_data_dir)), loss_type="bce", binarize="dynamic", k=8, probe=False,
-                    fid=False, max_test_images=30)
+                    fid=False, max_test_images=30, seed=ckpt["config"]["seed"])
     assert check["bound_k"] == pytest.approx(same["test/iw_nll_k8"], abs=1e-4)
     curve = out["curve"]  # one point per epoch (a snapshot is due every epoch), the final model last
     assert [row["epoch"] for row in curve] == [1, 2, 3]
