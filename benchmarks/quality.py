@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -248,8 +249,10 @@ def pipeline_command(cfg, k: int, test_images: int) -> str:
     flags = []
     for key, value in cfg.to_dict().items():
         if value != preset[key] and key not in ("checkpoint_dir", "progress"):
-            text = " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
-                if isinstance(value, bool) else str(value)
+            if isinstance(value, list):
+                text = " ".join(map(str, value))
+            else:
+                text = shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))
             flags.append(f"--{key} {text}")
     eval_flags = f"--iw_k {k}" + (f" --eval_max_images {test_images}" if test_images else "")
     return " ".join(["vae-pipeline --preset benchmark", *flags, eval_flags])
