@@ -43,8 +43,8 @@ if str(REPO) not in sys.path:
 
 from vae.config import (ConfigError, add_config_arguments, config_from_args, get_benchmark_config,  # noqa: E402
                         validate_config)
-from vae.data import ImageBatches, Split, eval_split, load_dataset, split_train_val  # noqa: E402
-from vae.likelihood import iw_bound  # noqa: E402
+from vae.data import ImageBatches, Split, load_dataset, split_train_val  # noqa: E402
+from vae.paired import paired_difference, per_image_scores  # noqa: E402
 from vae.figures import plot_time_to_quality  # noqa: E402
 from benchmarks.time_to_quality import run_label  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
@@ -150,12 +150,11 @@ def convergence(model_path: str, data, k: int, check_k: int, images: int, seed: 
     """The bound with ``check_k`` against ``k`` samples on the same first ``images`` test images:
     the mean paired difference (and its standard error) says whether k samples have converged."""
     model, t1 = _load(model_path), time.perf_counter()
-    test = eval_split(Split(data.test_images, data.test_labels), "dynamic", seed, images)
-    bounds = [iw_bound(model, ImageBatches(test, 500, shuffle=False), n, "bce", seed=seed) for n in (k, check_k)]
-    diff = bounds[0] - bounds[1]
-    return {"images": len(test), "k": k, "check_k": check_k, "bound_k": float(bounds[0].mean()),
-            "bound_check_k": float(bounds[1].mean()), "difference": float(diff.mean()),
-            "difference_se": float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0,
+    test = Split(data.test_images[:images], data.test_labels[:images])
+    bounds = [per_image_scores(model, test, loss_type="bce", binarize="dynamic", k=n, seed=seed) for n in (k, check_k)]
+    paired = paired_difference(*bounds)
+    return {"images": paired["images"], "k": k, "check_k": check_k, "bound_k": paired["mean_a"],
+            "bound_check_k": paired["mean_b"], "difference": paired["difference"], "difference_se": paired["se"],
             "minutes": (time.perf_counter() - t1) / 60}
 
 
