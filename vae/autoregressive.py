@@ -4,7 +4,7 @@ A local PixelVAE (Gulrajani et al. 2017): each pixel sees the conv decoder's fea
 position and a causal k×k neighbourhood of the pixels before it in raster order (PixelCNN's mask
 'A', van den Oord et al. 2016), read by a per-pixel MLP. Training and likelihoods use teacher
 forcing (one pass, the image as context); sampling draws the pixels one by one, which costs only
-the small head per pixel because its receptive field on x is one layer.
+the small head per pixel because its receptive field on x is a few rows.
 """
 
 from __future__ import annotations
@@ -13,7 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LocalAutoregressiveHead"]
+__all__ = ["CausalConv", "LocalAutoregressiveHead"]
+
+
+class CausalConv(nn.Module):
+    """A 3×3 convolution with PixelCNN's mask 'B': each position sees itself and the positions before it.
+
+    Taps: the three above (row − 1, columns − 1..+1), the one to the left and the centre. Written as
+    a 2×3 kernel over the input padded one row above and one column each side, with the centre row's
+    right tap masked to zero, so no work goes to the rows below.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, (2, 3))
+        mask = torch.ones(1, 1, 2, 3)
+        mask[..., 1, 2] = 0.0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(a, (1, 1, 1, 0)), self.conv.weight * self.mask, self.conv.bias)
 
 
 class LocalAutoregressiveHead(nn.Module):
@@ -25,15 +44,22 @@ class LocalAutoregressiveHead(nn.Module):
 
         logit_i = W3 · σ(W2 · σ(W1 · [h_i ; x_window(i)] + b1) + b2) + b3,   σ = LeakyReLU(0.2)
 
+    With ``layers`` > 1, each extra layer adds a residual :class:`CausalConv` after the first,
+    a ← a + σ(conv(a)), which widens the context by one row above and one column each side per
+    layer while every logit still sees only the pixels before it.
+
     It is written as matrix products over all B·H·W pixels at once (the window is gathered with
     ``unfold``), which is what a masked convolution followed by 1×1 convolutions computes, without
     the masked taps' work.
     """
 
-    def __init__(self, feature_channels: int, in_channels: int, channels: int = 32, kernel_size: int = 7):
+    def __init__(self, feature_channels: int, in_channels: int, channels: int = 32, kernel_size: int = 7,
+                 layers: int = 1):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
         k, c = kernel_size, kernel_size // 2
         self.in_channels, self.kernel_size = in_channels, kernel_size
         before = [r * k + col for r in range(c + 1) for col in range(k) if r < c or col < c]
@@ -45,9 +71,14 @@ class LocalAutoregressiveHead(nn.Module):
         self.inp = nn.Linear(feature_channels + len(self.taps), channels)
         self.hidden = nn.Linear(channels, channels)
         self.out = nn.Linear(channels, in_channels)
+        self.causal = nn.ModuleList(CausalConv(channels) for _ in range(layers - 1))
 
     def _mlp(self, f: torch.Tensor) -> torch.Tensor:
-        return self.out(F.leaky_relu(self.hidden(F.leaky_relu(self.inp(f), 0.2)), 0.2))
+        """Per-pixel layers on the last dimension of f: (..., features) -> (..., in_channels)."""
+        return self.out(F.leaky_relu(self.hidden(f), 0.2))
+
+    def _first(self, f: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.inp(f), 0.2)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, C, H, W): every pixel given the true pixels before it."""
@@ -55,14 +86,20 @@ class LocalAutoregressiveHead(nn.Module):
         window = F.unfold(x.to(h.dtype), self.kernel_size, padding=self.kernel_size // 2)  # (B, C·k·k, H·W)
         feats = torch.cat((h.permute(0, 2, 3, 1).reshape(b, height * width, -1),
                            window.index_select(1, self.taps).transpose(1, 2)), dim=-1)
-        return self._mlp(feats).view(b, height, width, -1).permute(0, 3, 1, 2)
+        a = self._first(feats).view(b, height, width, -1)  # (B, H, W, channels)
+        for layer in self.causal:  # as (B, channels, H, W) in channels-last memory, no copies
+            a = a + F.leaky_relu(layer(a.permute(0, 3, 1, 2)), 0.2).permute(0, 2, 3, 1)
+        return self._mlp(a).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw x pixel by pixel: (each pixel's Bernoulli mean given the pixels drawn before it, the draw).
 
-        Only the MLP runs per pixel, batched over images: a 28×28 image is 784 small steps.
+        Only the MLP runs per pixel, batched over images: a 28×28 image is 784 small steps. With
+        causal layers, each step scores the few rows its logit can see (:meth:`_sample_rows`).
         """
+        if len(self.causal):
+            return self._sample_rows(h, generator)
         b, _, height, width = h.shape
         k, c = self.kernel_size, self.kernel_size // 2
         feats = h.permute(0, 2, 3, 1)  # (B, H, W, F)
@@ -71,7 +108,26 @@ class LocalAutoregressiveHead(nn.Module):
         for i in range(height):
             for j in range(width):
                 window = x[:, :, i:i + c + 1, j:j + k].flatten(1).index_select(1, self.sample_taps)
-                p = torch.sigmoid(self._mlp(torch.cat((feats[:, i, j], window), dim=1)))
+                p = torch.sigmoid(self._mlp(self._first(torch.cat((feats[:, i, j], window), dim=1))))
                 probs[:, :, i, j] = p
                 x[:, :, i + c, j + c] = torch.bernoulli(p, generator=generator)
         return probs, x[:, :, c:, c:width + c]
+
+    def _sample_rows(self, h: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw x pixel by pixel, each logit from a teacher-forced pass over the rows it depends on.
+
+        Row i's logits depend on x in rows i − R .. i only, R = kernel_size // 2 + len(causal): the
+        window reaches kernel_size // 2 rows up and each causal layer one more. Values nearer the top
+        of the cropped rows see zero padding instead of the image, but none of them reaches row i.
+        """
+        b, _, height, width = h.shape
+        reach = self.kernel_size // 2 + len(self.causal)
+        x = h.new_zeros(b, self.in_channels, height, width)
+        probs = h.new_empty(b, self.in_channels, height, width)
+        for i in range(height):
+            lo = max(0, i - reach)
+            for j in range(width):
+                p = torch.sigmoid(self.forward(h[:, :, lo:i + 1], x[:, :, lo:i + 1])[:, :, -1, j])
+                probs[:, :, i, j] = p
+                x[:, :, i, j] = torch.bernoulli(p, generator=generator)
+        return probs, x

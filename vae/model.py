@@ -47,7 +47,7 @@ class VAE(nn.Module):
         beta: KL weight, kept for callers that build the plain loss from the model.
         decoder: ``'conv'`` (pixels independent given z) or ``'autoregressive'`` (each pixel also
             given the k×k causal neighbourhood of the pixels before it; Bernoulli likelihood).
-        ar_channels, ar_kernel: width and kernel size of the autoregressive head.
+        ar_channels, ar_kernel, ar_layers: width, window size and depth of the autoregressive head.
         use_latent: ``False`` removes z (the ablation): ``encode`` returns q(z|x) = p(z) = N(0, I)
             and the decoder gets z = 0, so the KL term is 0, every bound equals log p(x) exactly and
             the model is its decoder alone. The encoder's weights stay (same state_dict) but unused.
@@ -55,7 +55,7 @@ class VAE(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden_dims: Sequence[int] = (32, 64, 128, 256),
                  latent_dim: int = 128, image_size: int = 28, beta: float = 1.0, decoder: str = "conv",
-                 ar_channels: int = 32, ar_kernel: int = 7, use_latent: bool = True):
+                 ar_channels: int = 32, ar_kernel: int = 7, use_latent: bool = True, ar_layers: int = 1):
         super().__init__()
         hidden_dims = list(hidden_dims)
         if not hidden_dims:
@@ -101,7 +101,7 @@ class VAE(nn.Module):
             self.ar_head = None
         else:  # the head turns the 28×28 features into logits, given the pixels before each one
             self.final_layer = nn.Sequential(up_last)
-            self.ar_head = LocalAutoregressiveHead(rev[-1], in_channels, ar_channels, ar_kernel)
+            self.ar_head = LocalAutoregressiveHead(rev[-1], in_channels, ar_channels, ar_kernel, ar_layers)
 
     @property
     def autoregressive(self) -> bool:

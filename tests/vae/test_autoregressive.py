@@ -12,22 +12,39 @@ from vae.config import ConfigError, get_benchmark_config, get_default_config, va
 from vae.model import VAE
 
 
-def _ar_vae(in_channels: int = 1, image_size: int = 28, kernel: int = 5, seed: int = 0) -> VAE:
+def _ar_vae(in_channels: int = 1, image_size: int = 28, kernel: int = 5, seed: int = 0, layers: int = 1) -> VAE:
     torch.manual_seed(seed)
-    return VAE(in_channels, [4, 8], 3, image_size, decoder="autoregressive", ar_channels=8, ar_kernel=kernel).eval()
+    return VAE(in_channels, [4, 8], 3, image_size, decoder="autoregressive", ar_channels=8, ar_kernel=kernel,
+               ar_layers=layers).eval()
 
 
-@pytest.mark.parametrize("in_channels", [1, 2])
-def test_each_logit_sees_only_the_pixels_before_it(in_channels):
-    model = _ar_vae(in_channels)
+def _context(i: int, j: int, k: int, layers: int) -> torch.Tensor:
+    """The pixels logit (i, j) may see: each causal layer's mask-'B' taps, then the k×k mask-'A' window."""
+    at = {(i, j)}
+    for _ in range(layers - 1):  # above-left, above, above-right, left, itself
+        at = {(r + dr, c + dc) for r, c in at for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0))}
+    seen = torch.zeros(28, 28, dtype=torch.bool)
+    for r, c in at:
+        seen[max(r - k // 2, 0):r, max(c - k // 2, 0):c + k // 2 + 1] = True  # the rows above, inside the window
+        seen[r, max(c - k // 2, 0):c] = True  # the pixels to the left in the same row
+    return seen
+
+
+@pytest.mark.parametrize("in_channels, layers", [(1, 1), (2, 1), (1, 2), (2, 3)])
+def test_each_logit_sees_only_the_pixels_before_it(in_channels, layers):
+    model = _ar_vae(in_channels, layers=layers)
     x = torch.bernoulli(torch.full((2, in_channels, 28, 28), 0.4)).requires_grad_()
     logits = model.decode_logits(torch.randn(2, 3), x)
     i, j, k = 10, 12, 5
     logits[0, -1, i, j].backward()
     grad = x.grad[0].abs().sum(0)  # over channels
-    seen = torch.zeros(28, 28, dtype=torch.bool)
-    seen[i - k // 2:i, j - k // 2:j + k // 2 + 1] = True  # the rows above, inside the window
-    seen[i, j - k // 2:j] = True  # the pixels to the left in the same row
+    seen = _context(i, j, k, layers)
+    assert not seen[i, j:].any() and not seen[i + 1:].any()
+    if layers == 1:
+        assert seen.sum() == 2 * k + k // 2  # two rows above, two pixels to the left
+    else:  # each layer widens the context: one more row above, one more column each side
+        fewer = _context(i, j, k, layers - 1)
+        assert torch.all(seen[fewer]) and seen.sum() > fewer.sum() and seen[i - k // 2 - layers + 1].any()
     assert torch.all(grad[~seen] == 0), "a logit depends on its own pixel, a later one or one outside its window"
     assert torch.count_nonzero(grad[seen]) == seen.sum()
     assert torch.all(x.grad[1] == 0), "images in a batch must not see each other"
@@ -51,9 +68,23 @@ def test_teacher_forcing_equals_a_pixelcnn_masked_convolution():
         assert torch.allclose(model.decode_logits(z, x), expected, atol=1e-5)
 
 
-def test_the_decoder_is_a_normalised_distribution_over_all_binary_images():
+def test_a_causal_layer_is_a_3x3_convolution_with_pixelcnn_mask_b():
+    from vae.autoregressive import CausalConv
+
+    torch.manual_seed(0)
+    layer, a = CausalConv(4), torch.randn(2, 4, 9, 9)
+    kernel = torch.zeros(4, 4, 3, 3)
+    with torch.no_grad():
+        kernel[:, :, :2] = layer.conv.weight  # the row above and the centre row; the row below stays 0
+        kernel[:, :, 1, 2] = 0.0  # mask 'B': not the centre row's right tap
+        assert torch.allclose(layer(a), F.conv2d(a, kernel, layer.conv.bias, padding=1), atol=1e-6)
+    assert list(layer.state_dict()) == ["conv.weight", "conv.bias"]  # the mask is rebuilt, not saved
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_decoder_is_a_normalised_distribution_over_all_binary_images(layers):
     """Sum over all 2^9 binary 3x3 images of p(x|z) = 1: the product of conditionals is a distribution."""
-    model = _ar_vae(image_size=3, kernel=3)
+    model = _ar_vae(image_size=3, kernel=3, layers=layers)
     xs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9))).view(-1, 1, 3, 3)
     z = torch.randn(1, 3).expand(len(xs), 3)
     with torch.no_grad():
@@ -62,8 +93,9 @@ def test_the_decoder_is_a_normalised_distribution_over_all_binary_images():
     assert float(torch.logsumexp(log_p.double(), 0).exp()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_samples_are_scored_by_teacher_forcing_with_the_same_probabilities():
-    model = _ar_vae()
+@pytest.mark.parametrize("layers", [1, 3])
+def test_samples_are_scored_by_teacher_forcing_with_the_same_probabilities(layers):
+    model = _ar_vae(layers=layers)
     with torch.no_grad():
         h = model._features(torch.randn(4, 3))
         probs, drawn = model.ar_head.sample(h, torch.Generator().manual_seed(1))
@@ -114,14 +146,14 @@ def test_trainer_checkpoint_and_evaluation_work_with_the_autoregressive_decoder(
     from vae.train import VAETrainer
     from vae.utils import load_model
 
-    cfg = {**tiny_config, "decoder": "autoregressive", "ar_channels": 8, "ar_kernel": 3,
+    cfg = {**tiny_config, "decoder": "autoregressive", "ar_channels": 8, "ar_kernel": 3, "ar_layers": 2,
            "reconstruction_loss_type": "bce", "binarize": "dynamic", "num_epochs": 2}
     result = VAETrainer(cfg).train()
     assert result["status"] == "completed"
     history = [row["val/nelbo"] for row in result["history"]]
     assert history[-1] < history[0]
     model, _ = load_model(result["best_model_path"])
-    assert model.autoregressive
+    assert model.autoregressive and len(model.ar_head.causal) == 1
     from vae.data import load_dataset
 
     metrics = evaluate(model, load_dataset(cfg["data_dir"]), loss_type="bce", binarize="dynamic", k=16,
