@@ -106,11 +106,11 @@ def test_sample_does_not_track_gradients():
     assert not VAE(hidden_dims=[8], latent_dim=2).sample(2).requires_grad
 
 
-@pytest.mark.parametrize("decoder", ["conv", "autoregressive"])
-def test_the_model_is_built_from_plain_torch_nn_layers(decoder):
-    model = VAE(hidden_dims=[8, 16], latent_dim=2, decoder=decoder)
-    layers = {type(m) for m in model.modules() if not list(m.children())}
+@pytest.mark.parametrize("decoder, ar_layers", [("conv", 1), ("autoregressive", 1), ("autoregressive", 3)])
+def test_the_model_is_built_from_plain_torch_nn_layers(decoder, ar_layers):
+    model = VAE(hidden_dims=[8, 16], latent_dim=2, decoder=decoder, ar_layers=ar_layers)
+    layers = {type(m) for m in model.modules() if not list(m.children()) and not isinstance(m, torch.nn.ModuleList)}
     assert layers <= {torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.BatchNorm2d,
                       torch.nn.LeakyReLU}
     assert all(type(m).__module__.startswith("torch.nn") for m in model.modules()
-               if m is not model and type(m).__name__ != "LocalAutoregressiveHead")
+               if m is not model and type(m).__module__ != "vae.autoregressive")  # the head and its layers
