@@ -96,10 +96,10 @@ class LocalAutoregressiveHead(nn.Module):
         """Draw x pixel by pixel: (each pixel's Bernoulli mean given the pixels drawn before it, the draw).
 
         Only the MLP runs per pixel, batched over images: a 28×28 image is 784 small steps. With
-        causal layers, each step scores the few rows its logit can see (:meth:`_sample_rows`).
+        causal layers, each step runs every layer at that pixel only (:meth:`_sample_layers`).
         """
         if len(self.causal):
-            return self._sample_rows(h, generator)
+            return self._sample_layers(h, generator)
         b, _, height, width = h.shape
         k, c = self.kernel_size, self.kernel_size // 2
         feats = h.permute(0, 2, 3, 1)  # (B, H, W, F)
@@ -113,21 +113,30 @@ class LocalAutoregressiveHead(nn.Module):
                 x[:, :, i + c, j + c] = torch.bernoulli(p, generator=generator)
         return probs, x[:, :, c:, c:width + c]
 
-    def _sample_rows(self, h: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw x pixel by pixel, each logit from a teacher-forced pass over the rows it depends on.
+    def _sample_layers(self, h: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw x pixel by pixel through the causal layers, one position at a time.
 
-        Row i's logits depend on x in rows i − R .. i only, R = kernel_size // 2 + len(causal): the
-        window reaches kernel_size // 2 rows up and each causal layer one more. Values nearer the top
-        of the cropped rows see zero padding instead of the image, but none of them reaches row i.
+        Each layer's input is kept (padded one row above and a column either side, as its
+        convolution pads it): every tap of a mask-'B' kernel at (i, j) lies at or before (i, j) in
+        raster order, so it was stored at an earlier step or this one, and each step computes each
+        layer at (i, j) only.
         """
         b, _, height, width = h.shape
-        reach = self.kernel_size // 2 + len(self.causal)
-        x = h.new_zeros(b, self.in_channels, height, width)
+        k, c = self.kernel_size, self.kernel_size // 2
+        feats = h.permute(0, 2, 3, 1)  # (B, H, W, F)
+        x = h.new_zeros(b, self.in_channels, height + c, width + 2 * c)  # zero padding above, left, right
         probs = h.new_empty(b, self.in_channels, height, width)
+        inputs = [h.new_zeros(b, height + 1, width + 2, self.inp.out_features) for _ in self.causal]
+        # (2·3·C_in, C_out) matrices of the masked kernels, rows in the (row, column, channel) order of a window
+        kernels = [(layer.conv.weight * layer.mask).permute(2, 3, 1, 0).flatten(0, 2) for layer in self.causal]
         for i in range(height):
-            lo = max(0, i - reach)
             for j in range(width):
-                p = torch.sigmoid(self.forward(h[:, :, lo:i + 1], x[:, :, lo:i + 1])[:, :, -1, j])
+                window = x[:, :, i:i + c + 1, j:j + k].flatten(1).index_select(1, self.sample_taps)
+                a = self._first(torch.cat((feats[:, i, j], window), dim=1))
+                for store, kernel, layer in zip(inputs, kernels, self.causal):
+                    store[:, i + 1, j + 1] = a
+                    a = a + F.leaky_relu(store[:, i:i + 2, j:j + 3].flatten(1) @ kernel + layer.conv.bias, 0.2)
+                p = torch.sigmoid(self._mlp(a))
                 probs[:, :, i, j] = p
-                x[:, :, i, j] = torch.bernoulli(p, generator=generator)
-        return probs, x
+                x[:, :, i + c, j + c] = torch.bernoulli(p, generator=generator)
+        return probs, x[:, :, c:, c:width + c]
