@@ -95,31 +95,10 @@ class LocalAutoregressiveHead(nn.Module):
     def sample(self, h: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw x pixel by pixel: (each pixel's Bernoulli mean given the pixels drawn before it, the draw).
 
-        Only the MLP runs per pixel, batched over images: a 28×28 image is 784 small steps. With
-        causal layers, each step runs every layer at that pixel only (:meth:`_sample_layers`).
-        """
-        if len(self.causal):
-            return self._sample_layers(h, generator)
-        b, _, height, width = h.shape
-        k, c = self.kernel_size, self.kernel_size // 2
-        feats = h.permute(0, 2, 3, 1)  # (B, H, W, F)
-        x = h.new_zeros(b, self.in_channels, height + c, width + 2 * c)  # zero padding above, left, right
-        probs = h.new_empty(b, self.in_channels, height, width)
-        for i in range(height):
-            for j in range(width):
-                window = x[:, :, i:i + c + 1, j:j + k].flatten(1).index_select(1, self.sample_taps)
-                p = torch.sigmoid(self._mlp(self._first(torch.cat((feats[:, i, j], window), dim=1))))
-                probs[:, :, i, j] = p
-                x[:, :, i + c, j + c] = torch.bernoulli(p, generator=generator)
-        return probs, x[:, :, c:, c:width + c]
-
-    def _sample_layers(self, h: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw x pixel by pixel through the causal layers, one position at a time.
-
-        Each layer's input is kept (padded one row above and a column either side, as its
-        convolution pads it): every tap of a mask-'B' kernel at (i, j) lies at or before (i, j) in
-        raster order, so it was stored at an earlier step or this one, and each step computes each
-        layer at (i, j) only.
+        Only that pixel's share of the head runs per step, batched over images: a 28×28 image is 784
+        small steps. Each causal layer's input is kept (padded one row above and a column either
+        side, as its convolution pads it): every tap of a mask-'B' kernel at (i, j) lies at or before
+        (i, j) in raster order, so it was stored at an earlier step or this one.
         """
         b, _, height, width = h.shape
         k, c = self.kernel_size, self.kernel_size // 2
