@@ -31,8 +31,12 @@ class CausalConv(nn.Module):
         mask[..., 1, 2] = 0.0
         self.register_buffer("mask", mask, persistent=False)
 
+    def kernel(self) -> torch.Tensor:
+        """The masked 2×3 kernel (C_out, C_in, 2, 3): the weight with the centre row's right tap zeroed."""
+        return self.conv.weight * self.mask
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(a, (1, 1, 1, 0)), self.conv.weight * self.mask, self.conv.bias)
+        return F.conv2d(F.pad(a, (1, 1, 1, 0)), self.kernel(), self.conv.bias)
 
 
 class LocalAutoregressiveHead(nn.Module):
@@ -74,7 +78,7 @@ class LocalAutoregressiveHead(nn.Module):
         self.causal = nn.ModuleList(CausalConv(channels) for _ in range(layers - 1))
 
     def _mlp(self, f: torch.Tensor) -> torch.Tensor:
-        """Per-pixel layers on the last dimension of f: (..., features) -> (..., in_channels)."""
+        """The per-pixel layers after the first (and any causal ones): (..., channels) -> (..., in_channels)."""
         return self.out(F.leaky_relu(self.hidden(f), 0.2))
 
     def _first(self, f: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,7 @@ class LocalAutoregressiveHead(nn.Module):
         probs = h.new_empty(b, self.in_channels, height, width)
         inputs = [h.new_zeros(b, height + 1, width + 2, self.inp.out_features) for _ in self.causal]
         # (2·3·C_in, C_out) matrices of the masked kernels, rows in the (row, column, channel) order of a window
-        kernels = [(layer.conv.weight * layer.mask).permute(2, 3, 1, 0).flatten(0, 2) for layer in self.causal]
+        kernels = [layer.kernel().permute(2, 3, 1, 0).flatten(0, 2) for layer in self.causal]
         for i in range(height):
             for j in range(width):
                 window = x[:, :, i:i + c + 1, j:j + k].flatten(1).index_select(1, self.sample_taps)
