@@ -18,8 +18,13 @@ model so far (by validation) is kept, and each is scored afterwards with ``--cur
 the first ``--curve_images`` test images. ``--use_latent false`` runs the z-removed ablation (the
 same decoder without z); its importance weights all equal p(x), so k = 1 is exact and is used.
 
+Training leaves ``training.json`` (the model, the snapshots, the minutes) in ``--output_dir`` and
+each evaluation stage is saved to ``evaluation.json`` when it ends, so ``--evaluate_only`` scores a
+trained run again in a fresh process and keeps the stages already scored with the same settings.
+
     python -m benchmarks.quality                                   # the record run (60 minutes + evaluation)
     python -m benchmarks.quality --use_latent false                # the same decoder with z removed
+    python -m benchmarks.quality --evaluate_only                   # score the trained run again (resumes)
     python -m benchmarks.quality --minutes 4 --k 100 --test_images 500 --check_k 0   # a quick look
     python -m benchmarks.quality --epochs 3 --decoder conv         # any config key overrides the preset
 """
@@ -210,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch's default)")
     p.add_argument("--eval_threads", type=int, default=0, help="torch threads for evaluation (0 = every core)")
     p.add_argument("--output_dir", default="outputs/quality", help="run folder and results.json")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="score the run already trained in --output_dir again, keeping the stages already scored")
     add_config_arguments(p)  # any config key overrides the benchmark preset, e.g. --latent_dim 32
     return p
 
@@ -233,15 +240,36 @@ def plan(cfg, data, args):
     return cfg
 
 
-def evaluate_run(args, cfg, data, model_path: str, snapshots: Snapshots) -> dict:
-    """Score the run: the reported bound, the convergence check, the time-to-quality curve."""
+def evaluate_run(args, cfg, data, run: dict, out_dir: Path) -> dict:
+    """Score the run: the reported bound, the convergence check, the time-to-quality curve.
+
+    Each stage's result is saved to ``evaluation.json`` as soon as it is done, with the settings it
+    used; a rerun (``--evaluate_only``) keeps the stages whose settings are unchanged, so an
+    evaluation that was stopped loses only the stage it was in.
+    """
     torch.set_num_threads(args.eval_threads or os.cpu_count() or 1)
     k, seed = (args.k if cfg.model.use_latent else 1), cfg.run.seed  # without z every weight is p(x): k = 1 is exact
-    out = score(model_path, data, k, args.test_images, seed)
+    model_path, taken = run["model_path"], run["snapshots"]
+    saved = out_dir / "evaluation.json"
+    stages = json.loads(saved.read_text()) if saved.exists() else {}
+
+    def stage(name: str, settings: dict, compute):
+        if stages.get(name, {}).get("settings") != settings:
+            stages[name] = {"settings": settings, "result": compute()}
+            write_atomic(saved, json.dumps(stages, indent=2) + "\n")
+        return stages[name]["result"]
+
+    out = stage("score", {"model": model_path, "k": k, "test_images": args.test_images, "seed": seed},
+                lambda: score(model_path, data, k, args.test_images, seed))
     if args.check_k and cfg.model.use_latent:
-        out["convergence"] = convergence(model_path, data, args.k, args.check_k, args.check_images, seed)
-    out["curve"] = quality_curve(snapshots.taken, data, args.curve_k if cfg.model.use_latent else 1,
-                                 args.curve_images, seed)
+        out["convergence"] = stage(
+            "convergence", {"model": model_path, "k": args.k, "check_k": args.check_k, "images": args.check_images,
+                            "seed": seed},
+            lambda: convergence(model_path, data, args.k, args.check_k, args.check_images, seed))
+    curve_k = args.curve_k if cfg.model.use_latent else 1
+    out["curve"] = stage("curve", {"snapshots": [s["path"] for s in taken], "k": curve_k, "images": args.curve_images,
+                                   "seed": seed},
+                         lambda: quality_curve(taken, data, curve_k, args.curve_images, seed))
     out["pipeline_command"] = pipeline_command(cfg, k, args.test_images)
     return out
 
@@ -262,29 +290,67 @@ def pipeline_command(cfg, k: int, test_images: int) -> str:
     return " ".join(["vae-pipeline --preset benchmark", *flags, eval_flags])
 
 
+def train_run(args, cfg, data, out_dir: Path) -> dict:
+    """Train within the budget; the run's record (model, snapshots, minutes) goes to ``training.json``."""
+    for stale in ("training.json", "evaluation.json"):  # an earlier run's record and scores in this folder
+        (out_dir / stale).unlink(missing_ok=True)
+    threads = torch.get_num_threads()
+    snapshots = Snapshots(args.snapshot_minutes * 60, out_dir / "snapshots")
+    t0 = time.perf_counter()
+    result = VAETrainer(cfg, [Deadline(args.minutes * 60), snapshots], overwrite=True, data=data).train()
+    run = {"model_path": result["best_model_path"] or result["last_model_path"], "snapshots": snapshots.taken,
+           "epochs": result["epochs_completed"], "status": result["status"],
+           "train_minutes": (time.perf_counter() - t0) / 60, "train_threads": threads, "config": cfg.to_dict()}
+    write_atomic(out_dir / "training.json", json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> dict:
+    """The record ``train_run`` left in ``out_dir``, for ``--evaluate_only`` (a clear error if there is none)."""
+    changed = sorted(key for key in validate_config(get_benchmark_config()).to_dict()
+                     if getattr(args, key, None) is not None and key != "data_dir")
+    if changed:
+        p.error(f"--evaluate_only scores the run in {out_dir} as it was trained: drop "
+                + " ".join(f"--{key}" for key in changed) + " (only --data_dir may change)")
+    try:
+        run = json.loads((out_dir / "training.json").read_text())
+        run["config"] = config_from_args(args, run["config"]).to_dict()
+        paths = [run["model_path"], *(snap["path"] for snap in run["snapshots"])]
+        missing = [path for path in paths if not Path(path).exists()]
+    except FileNotFoundError:
+        p.error(f"no training.json in {out_dir}: train first (the same command without --evaluate_only)")
+    except (ValueError, KeyError, TypeError, ConfigError) as e:
+        p.error(f"{out_dir / 'training.json'} is not a record of benchmarks/quality.py ({type(e).__name__}: {e})")
+    if missing:
+        p.error(f"{out_dir / 'training.json'} names model files that are gone: {', '.join(missing)}")
+    return run
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
-            "device": "cpu"}
-    try:
-        cfg = config_from_args(args, base)
-    except ConfigError as e:
-        p.error(str(e))
+    out_dir = Path(args.output_dir)
+    if args.evaluate_only:
+        run = trained_run(p, args, out_dir)
+        cfg = validate_config(run["config"])
+    else:
+        base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
+                "device": "cpu"}
+        try:
+            cfg = config_from_args(args, base)
+        except ConfigError as e:
+            p.error(str(e))
     data = load_dataset(cfg.data.data_dir)
-    cfg, threads = plan(cfg, data, args), torch.get_num_threads()
-    snapshots = Snapshots(args.snapshot_minutes * 60, Path(args.output_dir) / "snapshots")
-    t0 = time.perf_counter()
-    result = VAETrainer(cfg, [Deadline(args.minutes * 60), snapshots], overwrite=True, data=data).train()
-    train_s = time.perf_counter() - t0
-    out = evaluate_run(args, cfg, data, result["best_model_path"] or result["last_model_path"], snapshots)
-    out.update(epochs=result["epochs_completed"], status=result["status"], train_minutes=train_s / 60,
-               train_threads=threads, config=cfg.to_dict())
+    if not args.evaluate_only:
+        cfg = plan(cfg, data, args)
+        run = train_run(args, cfg, data, out_dir)
+    out = evaluate_run(args, cfg, data, run, out_dir)
+    out.update({key: run[key] for key in ("epochs", "status", "train_minutes", "train_threads", "config")})
     if out["curve"]:
-        plot_time_to_quality({run_label(out): out["curve"]}, Path(args.output_dir) / "time_to_quality.png")
-    write_atomic(Path(args.output_dir) / "results.json", json.dumps(out, indent=2) + "\n")
+        plot_time_to_quality({run_label(out): out["curve"]}, out_dir / "time_to_quality.png")
+    write_atomic(out_dir / "results.json", json.dumps(out, indent=2) + "\n")
     report(out, cfg.model.latent_dim)
     return 0
 

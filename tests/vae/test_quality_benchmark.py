@@ -57,6 +57,47 @@ def test_the_record_protocol_scores_all_test_images_checks_convergence_and_keeps
     assert "k=32 vs k=8 on the first 30 test images" in printed and "IW bound k=8 on 200 images" in printed
 
 
+def test_a_trained_run_is_scored_again_in_a_fresh_process_keeping_the_stages_already_done(tiny_data_dir, tmp_path,
+                                                                                          capsys):
+    out_dir, data = tmp_path / "run", ["--data_dir", str(tiny_data_dir)]
+    args = [*TINY, *data, "--output_dir", str(out_dir), "--k", "8", "--check_k", "0", "--snapshot_minutes", "1e-6",
+            "--curve_k", "4"]
+    assert main(args) == 0
+    first = json.loads((out_dir / "results.json").read_text())
+    run = json.loads((out_dir / "training.json").read_text())
+    assert run["model_path"] == first["model_path"] and [s["epoch"] for s in run["snapshots"]] == [1, 2, 3]
+    # an evaluation stopped during the curve: its bound was saved, the curve was not
+    stages = json.loads((out_dir / "evaluation.json").read_text())
+    assert set(stages) == {"score", "curve"} and stages["score"]["settings"]["k"] == 8
+    stages["score"]["result"]["test/iw_nll"] = 123.0  # marks the saved bound: kept, not scored again
+    del stages["curve"]
+    (out_dir / "evaluation.json").write_text(json.dumps(stages))
+    (out_dir / "results.json").unlink()
+    evaluate_only = ["--evaluate_only", *data, "--output_dir", str(out_dir), "--k", "8", "--check_k", "0",
+                     "--curve_k", "4", "--curve_images", "40", "--eval_threads", "1"]
+    assert main(evaluate_only) == 0
+    again = json.loads((out_dir / "results.json").read_text())
+    assert again["test/iw_nll"] == 123.0 and again["curve"] == first["curve"]  # same seeds: the same scores
+    assert {key: again[key] for key in ("epochs", "status", "config")} == {key: first[key] for key in
+                                                                       ("epochs", "status", "config")}
+    # other settings score that stage again
+    assert main([*evaluate_only, "--k", "16"]) == 0  # the last --k counts
+    rescored = json.loads((out_dir / "results.json").read_text())
+    assert rescored["k"] == 16 and rescored["test/iw_nll"] != 123.0 and rescored["curve"] == first["curve"]
+    capsys.readouterr()
+    # user mistakes: clear errors, nothing scored
+    for argv, message in ((["--evaluate_only", "--output_dir", str(tmp_path / "none")], "no training.json in"),
+                          (["--evaluate_only", "--output_dir", str(out_dir), "--latent_dim", "8"],
+                           "drop --latent_dim (only --data_dir may change)")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    Path(run["snapshots"][0]["path"]).unlink()
+    with pytest.raises(SystemExit):
+        main(evaluate_only)
+    assert "names model files that are gone" in capsys.readouterr().err
+
+
 def test_the_ablation_removes_z_and_scores_it_exactly_with_one_sample(tiny_data_dir, tmp_path):
     out_dir = tmp_path / "ablation"
     assert main([*TINY, "--data_dir", str(tiny_data_dir), "--output_dir", str(out_dir), "--k", "8",
