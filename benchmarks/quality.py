@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vae.config import (ConfigError, add_config_arguments, config_from_args, get_benchmark_config,  # noqa: E402
+from vae.config import (Config, ConfigError, add_config_arguments, config_from_args, get_benchmark_config,  # noqa: E402
                         validate_config)
 from vae.data import ImageBatches, Split, load_dataset, split_train_val  # noqa: E402
 from vae.paired import paired_difference, per_image_scores  # noqa: E402
@@ -305,8 +305,9 @@ def train_run(args, cfg, data, out_dir: Path) -> dict:
     return run
 
 
-def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> dict:
-    """The record ``train_run`` left in ``out_dir``, for ``--evaluate_only`` (a clear error if there is none)."""
+def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> tuple[dict, Config]:
+    """The record ``train_run`` left in ``out_dir`` and its config (``--data_dir`` applied), for
+    ``--evaluate_only`` (a clear error if there is none)."""
     changed = sorted(key for key in validate_config(get_benchmark_config()).to_dict()
                      if getattr(args, key, None) is not None and key != "data_dir")
     if changed:
@@ -314,7 +315,8 @@ def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> dict:
                 + " ".join(f"--{key}" for key in changed) + " (only --data_dir may change)")
     try:
         run = json.loads((out_dir / "training.json").read_text())
-        run["config"] = config_from_args(args, run["config"]).to_dict()
+        cfg = config_from_args(args, run["config"])
+        run["config"] = cfg.to_dict()
         paths = [run["model_path"], *(snap["path"] for snap in run["snapshots"])]
         missing = [path for path in paths if not Path(path).exists()]
     except FileNotFoundError:
@@ -323,7 +325,7 @@ def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> dict:
         p.error(f"{out_dir / 'training.json'} is not a record of benchmarks/quality.py ({type(e).__name__}: {e})")
     if missing:
         p.error(f"{out_dir / 'training.json'} names model files that are gone: {', '.join(missing)}")
-    return run
+    return run, cfg
 
 
 def main(argv=None) -> int:
@@ -333,8 +335,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.output_dir)
     if args.evaluate_only:
-        run = trained_run(p, args, out_dir)
-        cfg = validate_config(run["config"])
+        run, cfg = trained_run(p, args, out_dir)
     else:
         base = {**get_benchmark_config(), "checkpoint_dir": args.output_dir, "progress": False, "sample_every": 0,
                 "device": "cpu"}
