@@ -42,6 +42,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -141,9 +146,17 @@ def _load(model_path: str | Path):
     return fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
 
 
+def peak_resident_gb() -> float:
+    """The most memory this process has held resident so far, GB (0 where ``resource`` is missing)."""
+    if resource is None:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
 def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dict:
     """The IW bound with ``k`` samples on the first ``test_images`` (0 = all) and the negative ELBO,
-    KL and active units on all test images."""
+    KL and active units on all test images; the process's peak resident memory after it."""
     model, t1 = _load(model_path), time.perf_counter()
     sub = evaluate(model, data, loss_type="bce", binarize="dynamic", k=k, probe=False, fid=False,
                    max_test_images=test_images, seed=seed)
@@ -153,7 +166,7 @@ def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dic
             "test/recon": full["test/recon"], "test/kl": full["test/kl"],
             "test/active_units": full["test/active_units"], "iw_test_images": sub["test/num_images"],
             "test/iw_nll": sub[f"test/iw_nll_k{k}"], "test/iw_nll_se": sub[f"test/iw_nll_k{k}_se"],
-            "subset/nelbo": sub["test/nelbo"], "model_path": model_path}
+            "subset/nelbo": sub["test/nelbo"], "model_path": model_path, "peak_resident_gb": peak_resident_gb()}
 
 
 def convergence(model_path: str, data, k: int, check_k: int, images: int, seed: int = 0) -> dict:
@@ -183,7 +196,7 @@ def report(out: dict, latent_dim: int) -> None:
     """The results as a few lines: nats per image, with the protocol each number follows."""
     k = out["k"]
     print(f"epochs {out['epochs']} ({out['status']}), training {out['train_minutes']:.1f} min, "
-          f"evaluation {out['eval_minutes']:.1f} min")
+          f"evaluation {out['eval_minutes']:.1f} min (process peak {out.get('peak_resident_gb', 0):.1f} GB resident)")
     print(f"test NELBO (all test images): {out['test/nelbo']:.2f} nats "
           f"(recon {out['test/recon']:.2f}, KL {out['test/kl']:.2f}); active units "
           f"{out['test/active_units']:.0f} of {latent_dim}")

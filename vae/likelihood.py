@@ -43,7 +43,9 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
     mu, log_var = model.encode(x)
     std = torch.exp(0.5 * log_var)
     per_chunk = max(1, chunk // x.shape[0])
-    out = []
+    # One (B, k) tensor filled in place: a small tensor kept per pass would be left live between
+    # the passes' large buffers, fragmenting the heap that retained_heap keeps (it grew for hours).
+    log_w = torch.empty((x.shape[0], k), device=mu.device, dtype=mu.dtype)
     for start in range(0, k, per_chunk):
         n = min(per_chunk, k - start)
         eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
@@ -53,10 +55,10 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
         log_px = log_px_given_z(logits, xs, loss_type).view(n, -1)
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(-1)
         log_qz = log_normal(z, mu, log_var).sum(-1)
-        out.append((log_px + log_pz - log_qz).T)
+        log_w[:, start:start + n] = (log_px + log_pz - log_qz).T
         if tick is not None:
             tick(n * x.shape[0])
-    return torch.cat(out, dim=1)
+    return log_w
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
@@ -16,22 +15,38 @@ def _binary_batch(tiny_data, n: int) -> torch.Tensor:
     return static_binarize(tiny_data.test_images[:n], seed=0).unsqueeze(1).float().div(255)
 
 
+def _brute_force(model, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """log w for each image b and noise draw eps[s, b], one image and one sample at a time, with
+    torch.distributions: shape (B, S)."""
+    out = torch.empty(x.shape[0], eps.shape[0])
+    with torch.no_grad():
+        mu, log_var = model.encode(x)
+        std = torch.exp(0.5 * log_var)
+        for b in range(x.shape[0]):
+            for s in range(eps.shape[0]):
+                z = mu[b] + std[b] * eps[s, b]
+                logits = model.decode_logits(z.unsqueeze(0))[0]
+                out[b, s] = (Bernoulli(logits=logits).log_prob(x[b]).sum() + Normal(0.0, 1.0).log_prob(z).sum()
+                             - Normal(mu[b], std[b]).log_prob(z).sum())
+    return out
+
+
 def test_iw_log_weights_equal_a_per_sample_brute_force(make_vae, tiny_data):
     model, x = make_vae(latent_dim=3), _binary_batch(tiny_data, 5)
     # chunk = 5 images x 7 samples: one pass, so the noise is one (7, 5, 3) draw from the generator.
     log_w = iw_log_weights(model, x, k=7, loss_type="bce", chunk=35, generator=torch.Generator().manual_seed(1))
     eps = torch.randn((7, 5, 3), generator=torch.Generator().manual_seed(1))
-    # The same draws, one image and one sample at a time, with torch.distributions.
-    with torch.no_grad():
-        mu, log_var = model.encode(x)
-        std = torch.exp(0.5 * log_var)
-        for b in range(5):
-            for s in range(7):
-                z = mu[b] + std[b] * eps[s, b]
-                logits = model.decode_logits(z.unsqueeze(0))[0]
-                expected = (Bernoulli(logits=logits).log_prob(x[b]).sum() + Normal(0.0, 1.0).log_prob(z).sum()
-                            - Normal(mu[b], std[b]).log_prob(z).sum())
-                assert log_w[b, s] == pytest.approx(float(expected), abs=1e-3)
+    assert torch.allclose(log_w, _brute_force(model, x, eps), atol=1e-3)
+
+
+def test_iw_log_weights_put_each_pass_in_its_own_columns(make_vae, tiny_data):
+    model, x = make_vae(latent_dim=3), _binary_batch(tiny_data, 5)
+    # chunk = 15 images = 3 samples of 5 images: passes of 3, 3 and 1 samples, one draw each.
+    log_w = iw_log_weights(model, x, k=7, loss_type="bce", chunk=15, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    eps = torch.cat([torch.randn((n, 5, 3), generator=gen) for n in (3, 3, 1)])
+    assert log_w.shape == (5, 7)
+    assert torch.allclose(log_w, _brute_force(model, x, eps), atol=1e-3)
 
 
 def test_iw_bound_converges_to_the_exact_nll_of_a_one_dimensional_latent(make_vae, tiny_data):
