@@ -44,7 +44,7 @@ def iw_log_weights(model: nn.Module, x: torch.Tensor, k: int, loss_type: str, ch
     std = torch.exp(0.5 * log_var)
     per_chunk = max(1, chunk // x.shape[0])
     # One (B, k) tensor filled in place: a small tensor kept per pass would be left live between
-    # the passes' large buffers, fragmenting the heap that retained_heap keeps (it grew for hours).
+    # the passes' large buffers, fragmenting the heap that retained_heap keeps (BENCHMARKS.md, "Evaluation memory").
     log_w = torch.empty((x.shape[0], k), device=mu.device, dtype=mu.dtype)
     for start in range(0, k, per_chunk):
         n = min(per_chunk, k - start)
