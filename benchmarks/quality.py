@@ -42,11 +42,6 @@ from pathlib import Path
 
 import torch
 
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -56,6 +51,7 @@ from vae.config import (Config, ConfigError, add_config_arguments, config_from_a
 from vae.data import ImageBatches, Split, load_dataset, split_train_val  # noqa: E402
 from vae.paired import paired_difference, per_image_scores  # noqa: E402
 from vae.figures import plot_time_to_quality  # noqa: E402
+from benchmarks.memory import peak_rss_bytes  # noqa: E402
 from benchmarks.time_to_quality import run_label  # noqa: E402
 from vae.evaluate import evaluate  # noqa: E402
 from vae.files import write_atomic  # noqa: E402
@@ -146,14 +142,6 @@ def _load(model_path: str | Path):
     return fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
 
 
-def peak_resident_gb() -> float:
-    """The most memory this process has held resident so far, GB (0 where ``resource`` is missing)."""
-    if resource is None:
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
-
-
 def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dict:
     """The IW bound with ``k`` samples on the first ``test_images`` (0 = all) and the negative ELBO,
     KL and active units on all test images; the process's peak resident memory after it."""
@@ -166,7 +154,7 @@ def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dic
             "test/recon": full["test/recon"], "test/kl": full["test/kl"],
             "test/active_units": full["test/active_units"], "iw_test_images": sub["test/num_images"],
             "test/iw_nll": sub[f"test/iw_nll_k{k}"], "test/iw_nll_se": sub[f"test/iw_nll_k{k}_se"],
-            "subset/nelbo": sub["test/nelbo"], "model_path": model_path, "peak_resident_gb": peak_resident_gb()}
+            "subset/nelbo": sub["test/nelbo"], "model_path": model_path, "peak_resident_gb": peak_rss_bytes() / 1e9}
 
 
 def convergence(model_path: str, data, k: int, check_k: int, images: int, seed: int = 0) -> dict:

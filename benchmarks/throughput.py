@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.memory import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, EVAL_BATCH, LR, WD = 128, 512, 1e-3, 1e-4
@@ -56,10 +57,6 @@ TRAINER_VARIANTS = {
     "trainer-amp-compile": {"amp": True, "compile": True},
 }
 CONTENDERS = [*TRAINER_VARIANTS, "bare", "pythae", "pythae-fast-layers"]
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _splits(args):
@@ -201,7 +198,7 @@ def _worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = WORKERS[args.worker](args, args.worker)
-    out.update(ips=out["images"] / out["wall_s"], cpu_ips=out["images"] / out["cpu_s"], peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads())
+    out.update(ips=out["images"] / out["wall_s"], cpu_ips=out["images"] / out["cpu_s"], peak_rss_mb=peak_rss_bytes() / 2**20, threads=torch.get_num_threads())
     print("RESULT " + json.dumps(out), flush=True)
 
 
