@@ -183,8 +183,9 @@ def quality_curve(snapshots: list[dict], data, k: int, images: int, seed: int = 
 def report(out: dict, latent_dim: int) -> None:
     """The results as a few lines: nats per image, with the protocol each number follows."""
     k = out["k"]
+    peak = out.get("peak_resident_gb")  # absent from a bound saved before it was recorded
     print(f"epochs {out['epochs']} ({out['status']}), training {out['train_minutes']:.1f} min, "
-          f"evaluation {out['eval_minutes']:.1f} min (process peak {out.get('peak_resident_gb', 0):.1f} GB resident)")
+          f"evaluation {out['eval_minutes']:.1f} min" + (f" (process peak {peak:.1f} GB resident)" if peak else ""))
     print(f"test NELBO (all test images): {out['test/nelbo']:.2f} nats "
           f"(recon {out['test/recon']:.2f}, KL {out['test/kl']:.2f}); active units "
           f"{out['test/active_units']:.0f} of {latent_dim}")
