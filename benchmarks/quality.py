@@ -82,10 +82,11 @@ def steps_per_second(cfg, data, steps: int = 60, warmup: int = 20) -> float:
     loss_fn = build_loss(cfg.loss, cfg.model, len(train_split))
     with fast.retained_heap(cfg.run.fast and cfg.run.retain_memory):  # as VAETrainer.train() runs
         batches.max_batches = warmup
-        train_one_epoch(model, loss_fn, optimizer, scheduler, batches, log_every=1000)
+        train_one_epoch(model, loss_fn, optimizer, scheduler, batches, log_every=1000, amp=cfg.run.amp)
         batches.max_batches = steps + warmup
         t0 = time.perf_counter()
-        train_one_epoch(model, loss_fn, optimizer, scheduler, batches, start_batch=warmup, log_every=1000)
+        train_one_epoch(model, loss_fn, optimizer, scheduler, batches, start_batch=warmup, log_every=1000,
+                        amp=cfg.run.amp)
         return steps / (time.perf_counter() - t0)
 
 

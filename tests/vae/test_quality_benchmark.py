@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.preset_speed import main as preset_speed
 from benchmarks.quality import main
 from benchmarks.time_to_quality import main as time_to_quality, run_label
 from vae.checkpoint import load_model
@@ -130,3 +131,18 @@ def test_the_time_to_quality_figure_draws_one_line_per_run_and_refuses_other_fil
         time_to_quality([str(tmp_path / "bad.json"), "--out", str(tmp_path / "no.png")])
     assert exit_.value.code == 2 and "not a results.json of benchmarks/quality.py" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+
+
+def test_preset_speed_measures_each_variant_over_the_preset_and_names_a_bad_one(tiny_data_dir, capsys):
+    tiny = "--hidden_dims 8 16 --latent_dim 4 --ar_channels 8 --ar_kernel 3 --batch_size 5 --val_size 100"
+    data = ["--data_dir", str(tiny_data_dir), "--threads", "1", "--rounds", "1"]
+    assert preset_speed([*data, tiny, f"{tiny} --amp true"]) == 0  # 500 training images: 100 steps per epoch
+    table = capsys.readouterr().out.split("| variant |")[1].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table] == [f"| {tiny}", f"| {tiny} --amp true"]
+    steps, images, ratio = (float(cell.strip(" |")) for cell in table[0].split(" | ")[1:])
+    assert steps > 0 and images == pytest.approx(5 * steps, abs=1) and ratio == 1.0
+    for variant, says in (("--ar_layers 0", "ar_layers"), ("--no_such_key 1", "not a config flag: --no_such_key 1")):
+        with pytest.raises(SystemExit) as exit_:
+            preset_speed([*data, variant])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"variant '{variant}'" in err and says in err
