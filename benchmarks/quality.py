@@ -9,7 +9,9 @@ A time budget (``--minutes``) is turned into a number of epochs before training 
 calibration measures steps per second), so the cosine learning-rate schedule and the KL warm-up
 (``beta_steps`` = 15% of all steps) fit the budget; a timer stops training at the deadline
 regardless. ``--epochs`` sets the number of epochs instead (the schedule then fits those), still
-stopped at the ``--minutes`` deadline. Model selection uses the validation split only.
+stopped at the ``--minutes`` deadline. Model selection uses the validation split only. Where the
+CPU has bf16 units and ``--amp`` is not given, the calibration times float32 and bf16 autocast and
+trains with the faster; every bound is computed in float32.
 
 The defaults are the record run: the IW bound with k = 1,000 on all 10,000 test images, then
 k = 5,000 on the first ``--check_images`` to show the bound has converged (their paired
@@ -60,6 +62,7 @@ from vae.model import VAE  # noqa: E402
 from vae.train import Callback, VAETrainer, train_one_epoch  # noqa: E402
 from vae import fast  # noqa: E402
 from vae.checkpoint import load_model  # noqa: E402
+from vae.device import cpu_has_bf16_units  # noqa: E402
 from vae.optim import create_lr_scheduler, create_optimizer  # noqa: E402
 
 
@@ -224,13 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fastest_precision(cfg, data, amp_given: bool):
+    """(config, its steps/s): with bf16 autocast (``amp``) where it trains faster than float32.
+
+    Only where the CPU multiplies bf16 natively and ``--amp`` was not given: both are calibrated and
+    the faster kept (on an Intel Xeon with AMX, 1.43× for the preset; BENCHMARKS.md, "Likelihood").
+    The bound is always computed in float32.
+    """
+    if amp_given or cfg.run.device != "cpu" or not cpu_has_bf16_units():
+        return cfg, steps_per_second(cfg, data)
+    rates = {amp: steps_per_second(cfg.replace(amp=amp), data) for amp in (False, True)}
+    amp = rates[True] > rates[False]
+    print(f"float32 {rates[False]:.2f} steps/s, bf16 autocast {rates[True]:.2f}: "
+          f"{'bf16 autocast' if amp else 'float32'} (--amp true/false to choose)", flush=True)
+    return cfg.replace(amp=amp), rates[amp]
+
+
 def plan(cfg, data, args):
     """The config with ``num_epochs`` and ``beta_steps`` fitted to the budget (or ``--epochs``)."""
     steps_per_epoch = (len(data.train_images) - cfg.data.val_size) // cfg.train.batch_size
     if args.epochs:
         epochs, rate = args.epochs, None
     else:
-        rate = steps_per_second(cfg, data)
+        cfg, rate = fastest_precision(cfg, data, amp_given=getattr(args, "amp", None) is not None)
         # ~4% of the time goes to per-epoch validation and checkpoints; keep 6% more in hand for
         # neighbours that slow the machine down later, so the schedule ends before the deadline.
         epochs = max(1, int(args.minutes * 60 * rate * 0.90 / steps_per_epoch))
@@ -239,7 +258,8 @@ def plan(cfg, data, args):
           + (f" (calibrated {rate:.2f} steps/s for a {args.minutes:g}-minute budget)" if rate else "")
           + f"; hidden {list(cfg.model.hidden_dims)}, latent {cfg.model.latent_dim}"
             f"{'' if cfg.model.use_latent else ' (removed: use_latent false)'}, "
-            f"beta_steps {cfg.loss.beta_steps}, {torch.get_num_threads()} thread(s)", flush=True)
+            f"beta_steps {cfg.loss.beta_steps}, {torch.get_num_threads()} thread(s)"
+          + (", bf16 autocast" if cfg.run.amp else ""), flush=True)
     return cfg
 
 

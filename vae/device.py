@@ -1,15 +1,17 @@
-"""Where tensors live and how runs are seeded: ``get_device`` and ``set_seed``."""
+"""Where tensors live and how runs are seeded: ``get_device``, ``set_seed``, ``cpu_has_bf16_units``."""
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from vae.config import ConfigError
 
-__all__ = ["get_device", "set_seed"]
+__all__ = ["cpu_has_bf16_units", "get_device", "set_seed"]
 
 
 def get_device(preference: str = "auto") -> torch.device:
@@ -32,3 +34,18 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@functools.cache
+def cpu_has_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), read from Linux's
+    ``/proc/cpuinfo`` flags; False where that file is absent (other systems: not detected).
+
+    Without such units, bf16 autocast on the CPU converts every operand and runs slower than float32.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -4,6 +4,7 @@ time-to-quality snapshots) and the z-removed ablation."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from benchmarks.preset_speed import main as preset_speed
-from benchmarks.quality import main
+from benchmarks.quality import fastest_precision, main
 from benchmarks.time_to_quality import main as time_to_quality, run_label
 from vae.checkpoint import load_model
+from vae.config import get_benchmark_config, validate_config
+from vae.device import cpu_has_bf16_units
 from vae.data import load_dataset
 from vae.evaluate import evaluate
 
@@ -146,3 +149,25 @@ def test_preset_speed_measures_each_variant_over_the_preset_and_names_a_bad_one(
             preset_speed([*data, variant])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"variant '{variant}'" in err and says in err
+
+
+def test_the_calibration_trains_with_bf16_autocast_only_where_it_measures_faster(tiny_data_dir, capsys):
+    cfg = validate_config({**get_benchmark_config(), "data_dir": str(tiny_data_dir), "device": "cpu",
+                           "hidden_dims": [8, 16], "latent_dim": 4, "ar_channels": 8, "ar_kernel": 3,
+                           "batch_size": 5, "val_size": 100})
+    data = load_dataset(str(tiny_data_dir))
+    torch.set_num_threads(1)
+    chosen, rate = fastest_precision(cfg, data, amp_given=False)
+    printed = capsys.readouterr().out
+    if cpu_has_bf16_units():  # both timed: the faster kept, and said
+        said = re.fullmatch(r"float32 ([\d.]+) steps/s, bf16 autocast ([\d.]+): (bf16 autocast|float32) "
+                            r"\(--amp true/false to choose\)\n", printed)
+        fp32, bf16 = float(said[1]), float(said[2])
+        assert chosen.run.amp is (said[3] == "bf16 autocast")
+        assert (bf16 >= fp32) if chosen.run.amp else (bf16 <= fp32)
+        assert f"{rate:.2f}" == (said[2] if chosen.run.amp else said[1])
+    else:  # float32 only: bf16 autocast would convert every operand
+        assert chosen.run.amp is False and printed == ""
+    assert rate > 0
+    kept, _ = fastest_precision(cfg, data, amp_given=True)  # --amp given: only that precision is timed
+    assert kept.run.amp is False and capsys.readouterr().out == ""
