@@ -21,9 +21,10 @@ from vae.figures import plot_time_to_quality  # noqa: E402
 
 
 def run_label(results: dict) -> str:
-    """'autoregressive decoder, 1 thread', '... z removed': what tells the runs apart."""
+    """'autoregressive decoder, 1 thread', '... z removed', '... bf16 autocast': what tells the runs apart."""
     cfg = results["config"]
-    label = f"{cfg['decoder']} decoder" + ("" if cfg.get("use_latent", True) else ", z removed")
+    label = f"{cfg['decoder']} decoder" + ("" if cfg.get("use_latent", True) else ", z removed") \
+        + (", bf16 autocast" if cfg.get("amp") else "")
     threads = results.get("train_threads")
     return label + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
 

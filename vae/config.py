@@ -107,7 +107,7 @@ class RunConfig:
     checkpoint_dir: str = _f("checkpoints", "root folder of run folders")
     seed: int = _f(42, "random seed (split, init, shuffling, sampling)", ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "compute device")
-    amp: bool = _f(False, "bf16 autocast on CUDA, or on CPUs with bf16 units (AMX)")
+    amp: bool = _f(False, "bf16 autocast on CUDA, or on CPUs with bf16 units (AMX, AVX512-BF16)")
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the model")
     fast: bool = _f(True, "the fast path (vae.fast): faster forms of the same layers on CPU float32, and "

@@ -64,8 +64,9 @@ def train_one_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
     device = batches.device
     acc = acc.to(device) if acc is not None else torch.zeros(5, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    # bf16 autocast: on CUDA, and on CPUs with bf16 units (AMX / AVX512-BF16); opt-in. On the development
-    # machine (Zen 5, AVX512-BF16) the float32 loop is now the faster one (BENCHMARKS.md).
+    # bf16 autocast: on CUDA, and on CPUs with bf16 units (AMX / AVX512-BF16); opt-in. Whether it pays
+    # depends on the model and the CPU: the default model trained faster in float32 on Zen 5, the
+    # benchmark preset 1.43x faster in bf16 on an Intel Xeon with AMX (BENCHMARKS.md, "Likelihood").
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type in ("cuda", "cpu") \
         else nullcontext()
     k = start_batch

@@ -126,6 +126,8 @@ def test_the_time_to_quality_figure_draws_one_line_per_run_and_refuses_other_fil
                                     "config": {"decoder": "autoregressive", "use_latent": use_latent}}))
         runs.append(str(path))
     assert run_label(json.loads(Path(runs[1]).read_text())) == "autoregressive decoder, z removed, 2 threads"
+    assert run_label({"config": {"decoder": "autoregressive", "amp": True}, "train_threads": 1}) \
+        == "autoregressive decoder, bf16 autocast, 1 thread"
     assert time_to_quality([*runs, "--out", str(tmp_path / "fig.png")]) == 0
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.count("86.50 ± 0.50 nats") == 2
