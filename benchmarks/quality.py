@@ -263,6 +263,10 @@ def plan(cfg, data, args):
     return cfg
 
 
+class SnapshotsGone(Exception):
+    """The curve has to be scored, and the snapshot files it needs are no longer there."""
+
+
 def evaluate_run(args, cfg, data, run: dict, out_dir: Path) -> dict:
     """Score the run: the reported bound, the convergence check, the time-to-quality curve.
 
@@ -290,9 +294,16 @@ def evaluate_run(args, cfg, data, run: dict, out_dir: Path) -> dict:
                             "seed": seed},
             lambda: convergence(model_path, data, args.k, args.check_k, args.check_images, seed))
     curve_k = args.curve_k if cfg.model.use_latent else 1
+
+    def curve():  # the snapshots are needed only for a curve not scored yet with these settings
+        gone = [snap["path"] for snap in taken if not Path(snap["path"]).exists()]
+        if gone:
+            raise SnapshotsGone(f"the time-to-quality snapshots are gone ({', '.join(gone)}): the curve saved in "
+                                f"{saved} can be kept with its own --curve_k and --curve_images, not scored anew")
+        return quality_curve(taken, data, curve_k, args.curve_images, seed)
+
     out["curve"] = stage("curve", {"snapshots": [s["path"] for s in taken], "k": curve_k, "images": args.curve_images,
-                                   "seed": seed},
-                         lambda: quality_curve(taken, data, curve_k, args.curve_images, seed))
+                                   "seed": seed}, curve)
     out["pipeline_command"] = pipeline_command(cfg, k, args.test_images)
     return out
 
@@ -340,14 +351,13 @@ def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> tuple[dict, 
         run = json.loads((out_dir / "training.json").read_text())
         cfg = config_from_args(args, run["config"])
         run["config"] = cfg.to_dict()
-        paths = [run["model_path"], *(snap["path"] for snap in run["snapshots"])]
-        missing = [path for path in paths if not Path(path).exists()]
+        missing = not Path(run["model_path"]).exists()
     except FileNotFoundError:
         p.error(f"no training.json in {out_dir}: train first (the same command without --evaluate_only)")
     except (ValueError, KeyError, TypeError, ConfigError) as e:
         p.error(f"{out_dir / 'training.json'} is not a record of benchmarks/quality.py ({type(e).__name__}: {e})")
     if missing:
-        p.error(f"{out_dir / 'training.json'} names model files that are gone: {', '.join(missing)}")
+        p.error(f"{out_dir / 'training.json'} names a model file that is gone: {run['model_path']}")
     return run, cfg
 
 
@@ -370,7 +380,10 @@ def main(argv=None) -> int:
     if not args.evaluate_only:
         cfg = plan(cfg, data, args)
         run = train_run(args, cfg, data, out_dir)
-    out = evaluate_run(args, cfg, data, run, out_dir)
+    try:
+        out = evaluate_run(args, cfg, data, run, out_dir)
+    except SnapshotsGone as e:
+        p.error(str(e))
     out.update({key: run[key] for key in ("epochs", "status", "train_minutes", "train_threads", "config")})
     if out["curve"]:
         plot_time_to_quality({run_label(out): out["curve"]}, out_dir / "time_to_quality.png")

@@ -99,10 +99,19 @@ def test_a_trained_run_is_scored_again_in_a_fresh_process_keeping_the_stages_alr
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    # a snapshot gone: the curve already scored is kept (the bound and check can still be scored again) ...
     Path(run["snapshots"][0]["path"]).unlink()
+    assert main([*evaluate_only, "--k", "12"]) == 0
+    kept = json.loads((out_dir / "results.json").read_text())
+    assert kept["k"] == 12 and kept["curve"] == first["curve"]
+    # ... a new curve cannot be scored, and the model itself must be there
+    with pytest.raises(SystemExit):
+        main([*evaluate_only, "--curve_k", "2"])
+    assert "the time-to-quality snapshots are gone" in capsys.readouterr().err
+    Path(run["model_path"]).unlink()
     with pytest.raises(SystemExit):
         main(evaluate_only)
-    assert "names model files that are gone" in capsys.readouterr().err
+    assert "names a model file that is gone" in capsys.readouterr().err
 
 
 def test_the_ablation_removes_z_and_scores_it_exactly_with_one_sample(tiny_data_dir, tmp_path):
