@@ -364,6 +364,9 @@ def trained_run(p: argparse.ArgumentParser, args, out_dir: Path) -> tuple[dict, 
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    for flag in ("k", "check_images", "curve_k", "curve_images"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.output_dir)

@@ -95,7 +95,8 @@ def test_a_trained_run_is_scored_again_in_a_fresh_process_keeping_the_stages_alr
     # user mistakes: clear errors, nothing scored
     for argv, message in ((["--evaluate_only", "--output_dir", str(tmp_path / "none")], "no training.json in"),
                           (["--evaluate_only", "--output_dir", str(out_dir), "--latent_dim", "8"],
-                           "drop --latent_dim (only --data_dir may change)")):
+                           "drop --latent_dim (only --data_dir may change)"),
+                          (["--evaluate_only", "--output_dir", str(out_dir), "--k", "0"], "--k must be at least 1")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
