@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.preset_speed import main as preset_speed
-from benchmarks.quality import fastest_precision, main
+from benchmarks.quality import fastest_precision, main, steps_per_second
 from benchmarks.time_to_quality import main as time_to_quality, run_label
 from vae.checkpoint import load_model
 from vae.config import get_benchmark_config, validate_config
@@ -183,3 +183,14 @@ def test_the_calibration_trains_with_bf16_autocast_only_where_it_measures_faster
     assert rate > 0
     kept, _ = fastest_precision(cfg, data, amp_given=True)  # --amp given: only that precision is timed
     assert kept.run.amp is False and capsys.readouterr().out == ""
+
+
+def test_the_calibration_times_each_stretch_on_batches_of_its_own(tiny_data_dir):
+    """3 stretches of 10 steps after 2 warm-up steps need 32 of the 33 batches of 15 images: each
+    stretch trains (an empty one would take microseconds and report ~10^6 steps/s)."""
+    cfg = validate_config({**get_benchmark_config(), "data_dir": str(tiny_data_dir), "device": "cpu",
+                           "hidden_dims": [8, 16], "latent_dim": 4, "ar_channels": 8, "ar_kernel": 3,
+                           "batch_size": 15, "val_size": 100})
+    torch.set_num_threads(1)
+    rate = steps_per_second(cfg, load_dataset(str(tiny_data_dir)), steps=10, warmup=2, rounds=3)
+    assert 1 < rate < 1e4
