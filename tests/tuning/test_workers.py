@@ -40,17 +40,20 @@ def _stop_during_second_trial(proc, study_name, storage, limit_s=120) -> str:
         if not line or time.monotonic() > deadline:
             raise AssertionError("no progress line; output:\n" + "".join(seen))
         seen.append(line)
-    while time.monotonic() < deadline:  # the study exists now: reading it cannot race its creation
-        last = optuna.load_study(study_name=study_name, storage=storage).trials[-1]
+    # The study exists now: reading it cannot race its creation. Loaded once and polled (a fresh
+    # load_study per poll took seconds on a loaded 2-core machine and missed every trial's window).
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    while time.monotonic() < deadline and proc.poll() is None:
+        last = study.get_trials(deepcopy=False)[-1]
         if last.state == TrialState.RUNNING and last.intermediate_values:  # mid-training
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     return "".join(seen) + proc.communicate(timeout=120)[0]
 
 
 def test_an_interrupted_sweep_resumes_with_earlier_trials_kept(tiny_options, mlflow_runs, tune_cmd):
-    opts = tiny_options(n_trials=4, fixed={"num_epochs": 6})
+    opts = tiny_options(n_trials=4, fixed={"num_epochs": 10})  # ~0.7 s an epoch: each trial trains for seconds
     fixed = [f"--set={k}={json.dumps(v)}" for k, v in opts.base_config.items()
              if k in ("data_dir", "hidden_dims", "batch_size", "num_epochs", "val_size", "ema_decay", "log_every")]
     argv, env = tune_cmd("--study-name", opts.study_name, "--n-trials", "4", "--preset", "default",
