@@ -6,12 +6,12 @@ training, one fixed binarisation of the test images, the importance-weighted bou
 82.90, PixelVAE 79.02, NVAE 78.01.
 
 A time budget (``--minutes``) is turned into a number of epochs before training starts (a short
-calibration measures steps per second: the fastest of three stretches of 60 steps), so the cosine learning-rate schedule and the KL warm-up
-(``beta_steps`` = 15% of all steps) fit the budget; a timer stops training at the deadline
-regardless. ``--epochs`` sets the number of epochs instead (the schedule then fits those), still
-stopped at the ``--minutes`` deadline. Model selection uses the validation split only. Where the
-CPU has bf16 units and ``--amp`` is not given, the calibration times float32 and bf16 autocast and
-trains with the faster; every bound is computed in float32.
+calibration measures steps per second: the fastest of three stretches of 60 steps), so the cosine
+learning-rate schedule and the KL warm-up (``beta_steps`` = 15% of all steps) fit the budget; a
+timer stops training at the deadline regardless. ``--epochs`` sets the number of epochs instead (the
+schedule then fits those), still stopped at the ``--minutes`` deadline. Model selection uses the
+validation split only. Where the CPU has bf16 units and ``--amp`` is not given, the calibration
+times float32 and bf16 autocast and trains with the faster; every bound is computed in float32.
 
 The defaults are the record run: the IW bound with k = 1,000 on all 10,000 test images, then
 k = 5,000 on the first ``--check_images`` to show the bound has converged (their paired
