@@ -25,7 +25,7 @@ README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [README, *DOCS, REPO / "vae" / "README.md", REPO / "BENCHMARKS.md"]
 BARE = {"python", "python3", "pip", "pip3", "pytest", "prefect", "mlflow", "optuna-dashboard", "vae-train",
-        "vae-sample", "vae-evaluate", "vae-pipeline", "vae-compare", "vae-tune"}
+        "vae-sample", "vae-evaluate", "vae-export", "vae-pipeline", "vae-compare", "vae-tune"}
 _FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
