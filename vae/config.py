@@ -77,6 +77,7 @@ class LossConfig:
     beta_steps: int = _f(1000, "optimizer steps of linear β annealing", ge=0)
     gamma: float = _f(1.0, "dimension-wise KL weight (disentangled)", ge=0.0)
     tc_estimator: Literal["mws", "mss"] = _f("mws", "total-correlation estimator (disentangled)")
+    free_bits: float = _f(0.0, "KL nats per latent dimension left unpenalised (vae, beta_vae; 0 = off)", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,8 @@ class Config:
         return validate_config({**self.to_dict(), **overrides})
 
 
-def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
-    """Flat key -> (section name, dataclass field)."""
-    return {f.name: (sec, f) for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
-
-
-_FIELDS = _fields()
+# flat key -> (section name, dataclass field)
+_FIELDS = {f.name: (sec, f) for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 _HINTS = {sec: typing.get_type_hints(cls) for sec, cls in _SECTIONS.items()}
 
 
@@ -259,6 +256,8 @@ def _cross_checks(c: Config) -> list[str]:
             problems.append(f"image_size: {c.data.dataset} images are 28x28, got {c.model.image_size}")
         if c.model.in_channels != 1:
             problems.append(f"in_channels: {c.data.dataset} images have 1 channel, got {c.model.in_channels}")
+    if c.loss.loss_type == "disentangled" and c.loss.free_bits:
+        problems.append("free_bits: applies to the 'vae' and 'beta_vae' losses, not 'disentangled' (set it to 0)")
     if c.loss.loss_type == "disentangled" and c.train.batch_size < 2:
         problems.append("batch_size: the disentangled loss estimates q(z) from the batch and needs >= 2")
     if 2 ** (len(c.model.hidden_dims) - 1) > c.model.image_size:

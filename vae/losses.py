@@ -76,17 +76,19 @@ def log_px_given_z(logits: torch.Tensor, x: torch.Tensor, loss_type: ReconType) 
 class VAELoss:
     """total = recon + β·KL (Kingma & Welling 2014; β = 1 gives the negative ELBO).
 
-    Returns ``(total, recon, kl)``, each a scalar tensor per image.
+    Returns ``(total, recon, kl)``, each a scalar tensor per image. With ``free_bits`` λ > 0 the
+    total uses Σ_d max(λ, KL_d), KL_d averaged over the batch ("free bits", Kingma et al. 2016,
+    eq. 15): a dimension whose KL is under λ nats costs a constant, so the encoder may use it up
+    to λ without a gradient against it. ``kl`` (and so every ELBO reported) is the true KL.
     """
 
-    def __init__(self, beta: float = 1.0, loss_type: ReconType = "mse"):
+    def __init__(self, beta: float = 1.0, loss_type: ReconType = "mse", free_bits: float = 0.0):
         self.beta = float(beta)
         self.loss_type = loss_type
+        self.free_bits = float(free_bits)
 
     def __call__(self, recon_x, x, mu, log_var):
-        recon = reconstruction_loss(recon_x, x, self.loss_type)
-        kl = kl_divergence(mu, log_var)
-        return recon + self.beta * kl, recon, kl
+        return _weighted(self, recon_x, x, mu, log_var)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (no schedule here)."""
@@ -96,6 +98,16 @@ class VAELoss:
 
     def load_state_dict(self, state: dict) -> None:
         """Nothing to restore: the plain loss has no schedule."""
+
+
+def _weighted(loss, recon_x, x, mu, log_var):
+    """(recon + β·KL with free bits, recon, true KL) for a loss holding ``beta``, ``loss_type`` and
+    ``free_bits``: the one body of :class:`VAELoss` and :class:`BetaVAELoss`."""
+    recon = reconstruction_loss(recon_x, x, loss.loss_type)
+    per_dim = kl_per_dimension(mu, log_var)
+    kl = per_dim.sum()
+    kl_objective = per_dim.clamp(min=loss.free_bits).sum() if loss.free_bits > 0 else kl
+    return recon + loss.beta * kl_objective, recon, kl
 
 
 class LinearBetaSchedule:
@@ -126,18 +138,18 @@ class BetaVAELoss(LinearBetaSchedule):
     """β-VAE (Higgins et al. 2017): total = recon + β_t·KL with β_t annealed linearly per step.
 
     The trainer calls :meth:`step` after each optimizer step; the step count is saved in
-    checkpoints through :meth:`state_dict`. Returns ``(total, recon, kl)``.
+    checkpoints through :meth:`state_dict`. Returns ``(total, recon, kl)``; ``free_bits`` as in
+    :class:`VAELoss`.
     """
 
     def __init__(self, beta_start: float = 0.0, beta_end: float = 4.0, beta_steps: int = 1000,
-                 loss_type: ReconType = "mse"):
+                 loss_type: ReconType = "mse", free_bits: float = 0.0):
         super().__init__(beta_start, beta_end, beta_steps)
         self.loss_type = loss_type
+        self.free_bits = float(free_bits)
 
     def __call__(self, recon_x, x, mu, log_var):
-        recon = reconstruction_loss(recon_x, x, self.loss_type)
-        kl = kl_divergence(mu, log_var)
-        return recon + self.beta * kl, recon, kl
+        return _weighted(self, recon_x, x, mu, log_var)
 
 
 def mss_log_weights(batch_size: int, dataset_size: int) -> torch.Tensor:
@@ -221,10 +233,11 @@ class DisentangledVAELoss(LinearBetaSchedule):
 def build_loss(loss_cfg, model_cfg, dataset_size: int):
     """The loss object a config names: the one place that maps ``loss_type`` to a class."""
     if loss_cfg.loss_type == "vae":
-        return VAELoss(beta=model_cfg.beta, loss_type=loss_cfg.reconstruction_loss_type)
+        return VAELoss(beta=model_cfg.beta, loss_type=loss_cfg.reconstruction_loss_type,
+                       free_bits=loss_cfg.free_bits)
     if loss_cfg.loss_type == "beta_vae":
         return BetaVAELoss(loss_cfg.beta_start, loss_cfg.beta_end, loss_cfg.beta_steps,
-                           loss_type=loss_cfg.reconstruction_loss_type)
+                           loss_type=loss_cfg.reconstruction_loss_type, free_bits=loss_cfg.free_bits)
     if loss_cfg.loss_type == "disentangled":
         return DisentangledVAELoss(beta=loss_cfg.beta_end, gamma=loss_cfg.gamma, dataset_size=dataset_size,
                                    loss_type=loss_cfg.reconstruction_loss_type, beta_start=loss_cfg.beta_start,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
-from vae.config import validate_config
+from vae.config import ConfigError, validate_config
 from vae.losses import (BetaVAELoss, DisentangledVAELoss, LinearBetaSchedule, VAELoss, build_loss, kl_divergence,
                         kl_per_dimension, log_normal, log_px_given_z, mss_log_weights, reconstruction_loss,
                         tc_decomposition)
@@ -128,6 +128,53 @@ def test_vae_loss_is_recon_plus_beta_kl(gen):
     torch.testing.assert_close(rec, reconstruction_loss(recon, x, "bce"))
     torch.testing.assert_close(kl, kl_divergence(mu, log_var))
     torch.testing.assert_close(total, rec + 2.5 * kl)
+
+
+def test_free_bits_floor_each_dimensions_batch_mean_kl(gen):
+    recon, x = _images(gen)
+    mu = torch.tensor([[0.0, 1.0, 0.1], [0.0, 2.0, -0.1], [0.0, 0.5, 0.2], [0.0, 1.5, 0.0]], dtype=torch.float64)
+    log_var = torch.zeros_like(mu)
+    per_dim = (0.5 * mu.pow(2)).mean(0)  # KL_d with σ = 1: ½ μ², batch mean: 0, 0.9375, 0.0075
+    for loss_fn in (VAELoss(beta=2.0, loss_type="bce", free_bits=0.05),
+                    BetaVAELoss(beta_start=2.0, beta_end=2.0, beta_steps=0, loss_type="bce", free_bits=0.05)):
+        total, rec, kl = loss_fn(recon, x, mu, log_var)
+        torch.testing.assert_close(kl, per_dim.sum())  # the reported KL is the true one
+        torch.testing.assert_close(total, rec + 2.0 * (0.05 + 0.9375 + 0.05))
+
+
+def test_free_bits_stop_the_kl_gradient_of_dimensions_under_the_floor_only(gen):
+    _, mu, log_var = _batch(gen, b=6, d=4)
+    mu = mu * torch.tensor([0.05, 1.0, 0.02, 2.0], dtype=torch.float64)
+    log_var = (log_var * 0.01).requires_grad_()
+    mu.requires_grad_()
+    per_dim = kl_per_dimension(mu, log_var)
+    under = per_dim.detach() < 0.1
+    assert under.tolist() == [True, False, True, False]  # the case the test is about
+    recon, x = _images(gen, b=6)
+    VAELoss(loss_type="bce", free_bits=0.1)(recon, x, mu, log_var)[0].backward()
+    free_mu, free_lv = mu.grad.clone(), log_var.grad.clone()
+    mu.grad = log_var.grad = None
+    VAELoss(loss_type="bce")(recon, x, mu, log_var)[0].backward()
+    assert torch.count_nonzero(free_mu[:, under]) == 0 and torch.count_nonzero(free_lv[:, under]) == 0
+    torch.testing.assert_close(free_mu[:, ~under], mu.grad[:, ~under])
+    torch.testing.assert_close(free_lv[:, ~under], log_var.grad[:, ~under])
+    assert torch.count_nonzero(mu.grad[:, under]) > 0  # without free bits the same dimensions are pulled
+
+
+def test_free_bits_zero_is_the_plain_objective(gen):
+    recon, x = _images(gen)
+    _, mu, log_var = _batch(gen, b=4)
+    a, b = VAELoss(beta=1.5, loss_type="bce")(recon, x, mu, log_var), VAELoss(1.5, "bce", 0.0)(recon, x, mu, log_var)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_free_bits_is_refused_with_the_disentangled_loss():
+    with pytest.raises(ConfigError, match="free_bits: applies to the 'vae' and 'beta_vae' losses"):
+        validate_config({"loss_type": "disentangled", "free_bits": 0.1})
+    with pytest.raises(ConfigError, match="free_bits: must be >= 0"):
+        validate_config({"free_bits": -0.5})
+    cfg = validate_config({"loss_type": "beta_vae", "free_bits": 0.25})
+    assert build_loss(cfg.loss, cfg.model, dataset_size=10).free_bits == 0.25
 
 
 def test_beta_schedule_is_linear_in_steps():
