@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vae.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from vae.checkpoint import CheckpointError, load_model, save_checkpoint
 from vae.cli import run_cli
 
 __all__ = ["export_weights"]
@@ -42,8 +42,7 @@ def export_weights(path: str | Path, output: str | Path, use_ema: bool = True) -
     path, output = Path(path), Path(output)
     if output.exists() and output.resolve() == path.resolve():
         raise CheckpointError(f"--output is the checkpoint being exported ({path}); name another file")
-    state = load_checkpoint(path)
-    model, _ = load_model(path, use_ema=use_ema)  # also checks that the weights fit the config
+    model, state = load_model(path, use_ema=use_ema)  # also checks that the weights fit the config
     weights = "ema" if use_ema and state.get("ema_state") is not None else "live"
     slim = {key: state[key] for key in KEPT if key in state}
     slim.update(model_state=model.state_dict(), ema_state=None, exported={"from": str(path), "weights": weights})
