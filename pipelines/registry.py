@@ -23,13 +23,13 @@ Versions are never deleted; the aliases ``champion`` and ``challenger`` point at
 from __future__ import annotations
 
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
 import numpy as np
 import torch
-import torchvision
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -47,7 +47,7 @@ MODEL_ARTIFACT = "model"
 
 def _pip_requirements() -> list[str]:
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
+            f"torchvision=={version('torchvision').split('+')[0]}", "numpy"]
 
 
 def _signature_and_example(checkpoint: str | Path) -> tuple[Any, np.ndarray]:

@@ -32,7 +32,7 @@ import tracking
 from pipelines import console, sync, tasks
 from vae.cli import dataclass_parameters, expand_kwargs, run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
-from vae.data import prepare_raw_files
+from vae.data import read_raw_files
 from vae.likelihood import likelihood_protocol
 
 Preset = Literal[tuple(sorted(PRESETS))]
@@ -79,7 +79,7 @@ def check_inputs(config: dict[str, Any]) -> None:
     Raises:
         DataError: the files are missing (naming where to put them) or invalid.
     """
-    prepare_raw_files(config["data_dir"], config["dataset"])
+    read_raw_files(config["data_dir"], config["dataset"])
     console.hide_user_error_tracebacks()
 
 

@@ -9,6 +9,8 @@ function is there to dodge one.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,14 @@ def test_the_module_graph_has_no_cycle():
         if v not in index:
             visit(v)
     assert cycles == []
+
+
+def test_the_entry_points_start_without_torchvision():
+    """Importing torchvision costs a process ~2 s (it loads ``torch._dynamo``; 3.7 s beside MLflow and
+    Prefect): the library parses the IDX files and draws image grids itself, and only a download of
+    missing data imports it."""
+    modules = "vae.train, vae.evaluate, vae.sample, pipelines.training, pipelines.retraining, tuning.flow"
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

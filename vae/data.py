@@ -1,11 +1,10 @@
 """MNIST and Fashion-MNIST as in-memory uint8 tensors, verified, split and batched by index.
 
-The IDX files are read by torchvision (``datasets.MNIST`` / ``FashionMNIST``) from
-``<data_dir>/<MNIST|FashionMNIST>/raw``. Compressed ``.gz`` files are decompressed by us into a cache
-folder (``$VAE_CACHE_DIR``, default ``~/.cache/vae-mlops``: :mod:`vae.settings`) keyed by their content, because torchvision reads only the
-uncompressed files unless it downloads them itself. Content is checked before anything is used:
+The four IDX files (gzipped or not) are read from ``<data_dir>/<MNIST|FashionMNIST>/raw`` into
+memory and parsed here; nothing is written anywhere. Content is checked before anything is used:
 IDX header (magic number, dimensions, exact size), image/label counts, and the SHA-256 of each
-uncompressed file against a ``SHA256SUMS`` file beside them when one exists.
+uncompressed file against a ``SHA256SUMS`` file beside them when one exists. torchvision is
+imported only to download missing files (importing it costs a process ~2 s).
 
 Training never touches PIL: the images stay one uint8 tensor and :class:`ImageBatches` slices
 batches out of it by index, converting to float (and binarising) a batch at a time.
@@ -159,7 +158,7 @@ def _read_sums(raw_dirs: list[Path]) -> dict[str, str]:
 
 
 def _try_download(data_dir: Path, dataset: DatasetName) -> None:
-    from torchvision import datasets
+    from torchvision import datasets  # here, not at the top: only a download needs it (~2 s to import)
 
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
     try:
@@ -169,18 +168,18 @@ def _try_download(data_dir: Path, dataset: DatasetName) -> None:
         raise DataError(missing_data_message(data_dir, dataset)) from None
 
 
-def prepare_raw_files(data_dir: str | Path, dataset: DatasetName = "mnist", download: bool = True) -> tuple[Path, dict[str, str]]:
-    """Locate, verify and (if gzipped) decompress the four IDX files.
+def read_raw_files(data_dir: str | Path, dataset: DatasetName = "mnist",
+                   download: bool = True) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Locate, read and verify the four IDX files.
 
     Returns:
-        (root, sha256): a root that torchvision's dataset class reads (``root/<Folder>/raw``
-        holds the uncompressed files) and the SHA-256 of each file's content.
+        (contents, sha256): the uncompressed IDX bytes by :data:`FILES` key (``train_images``, ...)
+        and the SHA-256 of each file's content by file name.
     Raises:
         DataError: files missing (with where to put them) or invalid (naming file and problem).
     """
     data_dir = Path(data_dir).expanduser()
-    folder = _FOLDERS[dataset]
-    raw_dirs = [data_dir / folder / "raw", data_dir]
+    raw_dirs = [data_dir / _FOLDERS[dataset] / "raw", data_dir]
     found = {k: _find(raw_dirs, f) for k, f in FILES.items()}
     if not all(found.values()):
         if not download:
@@ -205,28 +204,21 @@ def prepare_raw_files(data_dir: str | Path, dataset: DatasetName = "mnist", down
         if counts[f"{split}_images"] != counts[f"{split}_labels"]:
             raise DataError(f"{found[f'{split}_images']}: {counts[f'{split}_images']} images but "
                             f"{found[f'{split}_labels']} has {counts[f'{split}_labels']} labels")
+    return contents, digests
 
-    if all(p.suffix != ".gz" and p.parent == data_dir / folder / "raw" for p in found.values()):
-        return data_dir, digests
-    # torchvision reads root/<Folder>/raw/<uncompressed name>: materialise that layout in a cache
-    # folder keyed by content (never in the user's data folder, which may be shared or read-only).
-    root = settings.current().cache_dir / "data" / hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
-    target = root / folder / "raw"
-    for key, content in contents.items():
-        dest = target / FILES[key]
-        if not dest.is_file() or hashlib.sha256(dest.read_bytes()).hexdigest() != digests[FILES[key]]:
-            write_atomic(dest, content)
-    return root, digests
+
+def _idx_tensor(content: bytes) -> torch.Tensor:
+    """A verified IDX file's items as a uint8 tensor: (N, 28, 28) images or (N,) labels."""
+    images = struct.unpack(">I", content[:4])[0] == _IMAGE_MAGIC
+    array = np.frombuffer(content, dtype=np.uint8, offset=16 if images else 8).copy()  # writable, owned
+    return torch.from_numpy(array.reshape(-1, 28, 28) if images else array)
 
 
 def load_dataset(data_dir: str | Path | None = None, dataset: DatasetName = "mnist", download: bool = True) -> ImageData:
     """Read a dataset's train and test sets as uint8 tensors (verified first; see module doc)."""
-    from torchvision import datasets
-
-    root, digests = prepare_raw_files(data_dir if data_dir is not None else default_data_dir(), dataset, download)
-    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
-    train, test = cls(root=str(root), train=True), cls(root=str(root), train=False)
-    return ImageData(train.data.contiguous(), train.targets.long(), test.data.contiguous(), test.targets.long(),
+    contents, digests = read_raw_files(data_dir if data_dir is not None else default_data_dir(), dataset, download)
+    t = {key: _idx_tensor(content) for key, content in contents.items()}
+    return ImageData(t["train_images"], t["train_labels"].long(), t["test_images"], t["test_labels"].long(),
                      digests, dataset)
 
 

@@ -17,7 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
-from torchvision.utils import make_grid
 
 from vae.data import ImageBatches, ImageData, Split, eval_split
 from vae.files import atomic_write
@@ -44,8 +43,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def _grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
-    """(N, 1, H, W) in [0, 1] -> one (H', W') grey image with white padding."""
-    return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0)[0]
+    """(N, 1, H, W) in [0, 1] -> one (H', W') grey image with white padding: ``nrow`` images per
+    row, ``padding`` pixels around each (torchvision's ``make_grid`` layout, without importing it)."""
+    images = images.float().cpu().clamp(0, 1)[:, 0]
+    if len(images) == 1:
+        return images[0]
+    n, h, w = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    grid = images.new_ones(rows * (h + padding) + padding, cols * (w + padding) + padding)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[top:top + h, left:left + w] = image
+    return grid
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, title: str, nrow: int | None = None,

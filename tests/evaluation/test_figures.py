@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from vae.figures import loss_curves_figure, plot_loss_curves, save_image_grid, write_figures
+from vae.figures import _grid_image, loss_curves_figure, plot_loss_curves, save_image_grid, write_figures
 
 ALL = {"reconstructions", "prior_samples", "latent_grid", "traversals", "interpolations", "latent_pca",
        "kl_per_dim", "loss_curves"}
@@ -55,3 +56,13 @@ def test_save_image_grid_upscales_to_a_readable_width_and_titles_it(tmp_path):
     # nearest-neighbour: a 5x5 block per source pixel, no blur (only black and white in the grid)
     grid = pixels[title_rows:]
     assert set(np.unique(grid)) <= {0, 255}
+
+
+@pytest.mark.parametrize("n, nrow, padding", [(16, 4, 2), (7, 3, 2), (5, 8, 0), (1, 4, 2), (12, 5, 1)])
+def test_the_grid_is_torchvisions_make_grid(n, nrow, padding):
+    """The figures lay images out as torchvision's ``make_grid`` does (which they no longer import)."""
+    from torchvision.utils import make_grid
+
+    images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    want = make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)[0]
+    assert torch.equal(_grid_image(images, nrow, padding), want)
