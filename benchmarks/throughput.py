@@ -17,10 +17,11 @@ batch 128, MSE) on the same MNIST images:
   give from what the trainer gives.
 
 Every run is a fresh subprocess (so peak RSS is per contender), contenders are interleaved
-(A, B, C, A, B, C, ...) and the table shows medians. images/s = training images x epochs / wall
-time of the whole call (data already in memory for everyone; loading it is not timed). On a shared
-machine the wall clock depends on the neighbours; images per CPU-second (the process's user+sys
-time over the same span) is the steadier measure of the work each contender does.
+(A, B, C, A, B, C, ...) and the table shows medians; the headline ratio to pythae is the median of
+each round's own ratio, since the contenders of one round ran minutes apart. images/s = training
+images x epochs / wall time of the whole call (data already in memory for everyone; loading it is
+not timed). On a shared machine the wall clock depends on the neighbours; images per CPU-second
+(the process's user+sys time over the same span) is the steadier measure of the work each contender does.
 
     python -m benchmarks.throughput            # defaults: 10,240 train + 1,024 validation images, 2 epochs, 5 rounds
     python -m benchmarks.throughput --threads 1 --contenders trainer trainer-amp pythae
@@ -212,21 +213,38 @@ def _spawn(args, name: str) -> dict:
     raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def round_ratios(results: dict[str, list[dict]], name: str, baseline: str = "pythae", key: str = "ips") -> list[float]:
+    """``name``'s figure over the baseline's, round by round: the two ran minutes apart in each round,
+    so a machine that speeds up or slows down between rounds moves both alike."""
+    return [a[key] / b[key] for a, b in zip(results[name], results[baseline])]
+
+
 def _table(results: dict[str, list[dict]], baseline: str = "pythae") -> str:
+    """One row a contender: medians over rounds, and the ratio to the baseline two ways.
+
+    "× pythae, per round" is the median of the rounds' own ratios (the headline: robust to a VM
+    whose speed drifts between rounds); "÷ medians" divides the two medians, which a drift can
+    inflate: one run here gave 2.24 that way while the rounds' ratios were 1.24-3.09, median 1.38.
+    """
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
            for name, runs in results.items()}
-    base = med.get(baseline, {}).get("ips")
-    cpu_base = med.get(baseline, {}).get("cpu_ips")
-    rows = ["| contender | images/s, whole run | × pythae | images per CPU-second | × pythae | train-loop images/s "
-            "| peak RSS (MB) | runs (images/s) | note |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    has_base = baseline in results
+    rows = ["| contender | images/s, whole run | × pythae, per round | rounds' ratios | ÷ medians "
+            "| images per CPU-second | × pythae, per round | train-loop images/s | peak RSS (MB) | runs (images/s) "
+            "| note |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for name, m in med.items():
-        ratio = f"{m['ips'] / base:.2f}" if base else "–"
+        if has_base:
+            ratios = round_ratios(results, name, baseline)
+            ratio, spread = f"**{statistics.median(ratios):.2f}**", ", ".join(f"{r:.2f}" for r in ratios)
+            of_medians = f"{m['ips'] / med[baseline]['ips']:.2f}"
+            cpu_ratio = f"{statistics.median(round_ratios(results, name, baseline, 'cpu_ips')):.2f}"
+        else:
+            ratio = spread = of_medians = cpu_ratio = "–"
         runs = ", ".join(f"{r['ips']:.0f}" for r in results[name])
         note = f"compile {m['compile_s']:.1f} s (in epoch 1)" if "compile_s" in m else ""
-        cpu_ratio = f"{m['cpu_ips'] / cpu_base:.2f}" if cpu_base else "–"
-        rows.append(f"| {name} | {m['ips']:.0f} | {ratio} | {m['cpu_ips']:.0f} | {cpu_ratio} | {m['train_loop_ips']:.0f} "
-                    f"| {m['peak_rss_mb']:.0f} | {runs} | {note} |")
+        rows.append(f"| {name} | {m['ips']:.0f} | {ratio} | {spread} | {of_medians} | {m['cpu_ips']:.0f} | {cpu_ratio} "
+                    f"| {m['train_loop_ips']:.0f} | {m['peak_rss_mb']:.0f} | {runs} | {note} |")
     return "\n".join(rows)
 
 
