@@ -20,6 +20,7 @@ import sys
 from vae.checkpoint import load_model
 from vae.cli import run_cli
 from vae.data import Split, load_dataset
+from vae.errors import UserError
 from vae.paired import held_out_images, paired_difference, per_image_scores
 from vae import fast
 
@@ -33,13 +34,17 @@ def compare(path_a: str, path_b: str, data, *, k: int = 100, split: str = "val",
     """Both models' per-image bounds on the same images and ``a - b``'s mean and standard error, nats."""
     (model_a, ckpt_a), (model_b, ckpt_b) = load_model(path_a), load_model(path_b)
     cfg_a, cfg_b = ckpt_a["config"], ckpt_b["config"]
+    for key in ("reconstruction_loss_type", "binarize"):
+        if cfg_a[key] != cfg_b[key]:
+            raise UserError(f"the two models' bounds are in different units: {key} is {cfg_a[key]!r} in {path_a} and "
+                            f"{cfg_b[key]!r} in {path_b}; compare models trained with the same {key}")
     if split == "val":
-        test = held_out_images(data.train_images, data.train_labels, _split(cfg_a), _split(cfg_b), limit=images)
+        shared = held_out_images(data.train_images, data.train_labels, _split(cfg_a), _split(cfg_b), limit=images)
     else:
         n = images or len(data.test_images)
-        test = Split(data.test_images[:n], data.test_labels[:n])
+        shared = Split(data.test_images[:n], data.test_labels[:n])
     seed = cfg_a["seed"] if seed is None else seed
-    scores = [per_image_scores(fast.accelerate(model, "cpu") if cfg.get("fast", True) else model, test,
+    scores = [per_image_scores(fast.accelerate(model, "cpu") if cfg.get("fast", True) else model, shared,
                                loss_type=cfg["reconstruction_loss_type"], binarize=cfg["binarize"], k=k, seed=seed)
               for model, cfg in ((model_a, cfg_a), (model_b, cfg_b))]
     return {"a": path_a, "b": path_b, "split": split, "k": k, "seed": seed, **paired_difference(*scores)}

@@ -59,3 +59,15 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, tiny_data_dir):
                            "--data_dir", str(tiny_data_dir)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_models_whose_bounds_are_in_different_units_are_refused(trained_checkpoint, tiny_data_dir, tmp_path):
+    import torch
+
+    from vae.errors import UserError
+
+    state = load_checkpoint(trained_checkpoint)
+    state["config"] = {**state["config"], "reconstruction_loss_type": "bce"}
+    torch.save(state, tmp_path / "bce.pth")
+    with pytest.raises(UserError, match="reconstruction_loss_type is 'mse'"):
+        compare(str(trained_checkpoint), str(tmp_path / "bce.pth"), load_dataset(tiny_data_dir), k=2)
