@@ -19,32 +19,32 @@ import sys
 
 from vae.checkpoint import load_model
 from vae.cli import run_cli
+from vae.config import validate_config
 from vae.data import Split, load_dataset
 from vae.errors import UserError
-from vae.paired import held_out_images, paired_difference, per_image_scores
+from vae.paired import COMPARABLE_KEYS, SPLIT_KEYS, held_out_images, paired_difference, per_image_scores
 from vae import fast
 
 
-def _split(cfg: dict) -> dict[str, int]:
-    return {"val_size": cfg["val_size"], "seed": cfg["seed"], "max_train_samples": cfg.get("max_train_samples", 0)}
-
-
-def compare(path_a: str, path_b: str, data, *, k: int = 100, split: str = "val", images: int = 0,
+def compare(path_a: str, path_b: str, data_dir=None, *, k: int = 100, split: str = "val", images: int = 0,
             seed: int | None = None) -> dict:
-    """Both models' per-image bounds on the same images and ``a - b``'s mean and standard error, nats."""
+    """Both models' per-image bounds on the same images of their dataset (read from ``data_dir``,
+    default ``$VAE_DATA_DIR``) and ``a - b``'s mean and standard error, nats."""
     (model_a, ckpt_a), (model_b, ckpt_b) = load_model(path_a), load_model(path_b)
-    cfg_a, cfg_b = ckpt_a["config"], ckpt_b["config"]
-    for key in ("reconstruction_loss_type", "binarize"):
+    cfg_a, cfg_b = validate_config(ckpt_a["config"]).to_dict(), validate_config(ckpt_b["config"]).to_dict()
+    for key in COMPARABLE_KEYS:
         if cfg_a[key] != cfg_b[key]:
-            raise UserError(f"the two models' bounds are in different units: {key} is {cfg_a[key]!r} in {path_a} and "
+            raise UserError(f"the two models' bounds are not comparable: {key} is {cfg_a[key]!r} in {path_a} and "
                             f"{cfg_b[key]!r} in {path_b}; compare models trained with the same {key}")
+    data = load_dataset(data_dir, cfg_a["dataset"])
     if split == "val":
-        shared = held_out_images(data.train_images, data.train_labels, _split(cfg_a), _split(cfg_b), limit=images)
+        shared = held_out_images(data.train_images, data.train_labels, {key: cfg_a[key] for key in SPLIT_KEYS},
+                                 {key: cfg_b[key] for key in SPLIT_KEYS}, limit=images)
     else:
         n = images or len(data.test_images)
         shared = Split(data.test_images[:n], data.test_labels[:n])
     seed = cfg_a["seed"] if seed is None else seed
-    scores = [per_image_scores(fast.accelerate(model, "cpu") if cfg.get("fast", True) else model, shared,
+    scores = [per_image_scores(fast.accelerate(model, "cpu") if cfg["fast"] else model, shared,
                                loss_type=cfg["reconstruction_loss_type"], binarize=cfg["binarize"], k=k, seed=seed)
               for model, cfg in ((model_a, cfg_a), (model_b, cfg_b))]
     return {"a": path_a, "b": path_b, "split": split, "k": k, "seed": seed, **paired_difference(*scores)}
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.k < 0 or args.images < 0:
         p.error("--k and --images must be 0 or more")
-    out = compare(args.model_a, args.model_b, load_dataset(args.data_dir), k=args.k, split=args.split,
+    out = compare(args.model_a, args.model_b, args.data_dir, k=args.k, split=args.split,
                   images=args.images, seed=args.seed)
     what = f"IW bound k={args.k}" if args.k else "negative ELBO"
     print(f"{what} on {out['images']} {'held-out validation' if args.split == 'val' else 'test'} images "

@@ -25,17 +25,15 @@ from pipelines import registry, tasks
 from vae.checkpoint import load_model
 from vae.config import ConfigError, validate_config
 from vae.device import get_device
-from vae.paired import held_out_images, paired_difference, per_image_scores
+from vae.paired import COMPARABLE_KEYS, SPLIT_KEYS, held_out_images, paired_difference, per_image_scores
 
 __all__ = ["COMPARABLE_KEYS", "MARGIN_SE", "RUN_ONLY_KEYS", "compare_on_validation", "config_changes", "decide",
            "load_champion", "val_key", "what_changed"]
 
 MARGIN_SE = 2.0  # promote only when better by more than this many standard errors of the paired difference
-COMPARABLE_KEYS = ("reconstruction_loss_type", "binarize", "dataset")  # a bound means the same only if equal
 # Config keys that change where or how fast a run goes, not the model it trains.
 RUN_ONLY_KEYS = frozenset({"experiment_name", "checkpoint_dir", "data_dir", "device", "sample_every", "log_every",
                            "progress", "fast", "retain_memory", "channels_last", "compile"})
-SPLIT_KEYS = ("val_size", "seed", "max_train_samples")
 
 
 def val_key(k: int) -> str:

@@ -23,7 +23,10 @@ from torch import nn
 from vae.data import Split, split_indices
 from vae.ood import anomaly_scores
 
-__all__ = ["held_out_images", "paired_difference", "per_image_scores"]
+__all__ = ["COMPARABLE_KEYS", "SPLIT_KEYS", "held_out_images", "paired_difference", "per_image_scores"]
+
+COMPARABLE_KEYS = ("reconstruction_loss_type", "binarize", "dataset")  # two bounds mean the same only if equal
+SPLIT_KEYS = ("val_size", "seed", "max_train_samples")  # a config's train/validation split (held_out_images)
 
 
 def held_out_images(train_images: torch.Tensor, train_labels: torch.Tensor, split: dict[str, int],

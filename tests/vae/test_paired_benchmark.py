@@ -21,7 +21,7 @@ def pair(trained_checkpoint, tmp_path_factory):
 
 
 def test_a_model_against_itself_differs_by_exactly_zero(trained_checkpoint, tiny_data_dir):
-    out = compare(str(trained_checkpoint), str(trained_checkpoint), load_dataset(tiny_data_dir), k=5)
+    out = compare(str(trained_checkpoint), str(trained_checkpoint), tiny_data_dir, k=5)
     cfg = load_checkpoint(trained_checkpoint)["config"]
     assert out["images"] == cfg["val_size"] and out["split"] == "val" and out["seed"] == cfg["seed"]
     assert out["difference"] == 0.0 and out["se"] == 0.0 and out["mean_a"] == out["mean_b"]
@@ -30,7 +30,7 @@ def test_a_model_against_itself_differs_by_exactly_zero(trained_checkpoint, tiny
 def test_two_models_are_scored_on_the_validation_images_with_one_seed(pair, tiny_data_dir):
     a, b = pair
     data = load_dataset(tiny_data_dir)
-    out = compare(str(a), str(b), data, k=5, images=40)
+    out = compare(str(a), str(b), tiny_data_dir, k=5, images=40)
     cfg = load_checkpoint(a)["config"]
     split = {"val_size": cfg["val_size"], "seed": cfg["seed"], "max_train_samples": cfg["max_train_samples"]}
     images = held_out_images(data.train_images, data.train_labels, split, split, limit=40)
@@ -61,7 +61,7 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, tiny_data_dir):
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_models_whose_bounds_are_in_different_units_are_refused(trained_checkpoint, tiny_data_dir, tmp_path):
+def test_models_whose_bounds_are_not_comparable_are_refused(trained_checkpoint, tiny_data_dir, tmp_path):
     import torch
 
     from vae.errors import UserError
@@ -70,4 +70,8 @@ def test_models_whose_bounds_are_in_different_units_are_refused(trained_checkpoi
     state["config"] = {**state["config"], "reconstruction_loss_type": "bce"}
     torch.save(state, tmp_path / "bce.pth")
     with pytest.raises(UserError, match="reconstruction_loss_type is 'mse'"):
-        compare(str(trained_checkpoint), str(tmp_path / "bce.pth"), load_dataset(tiny_data_dir), k=2)
+        compare(str(trained_checkpoint), str(tmp_path / "bce.pth"), tiny_data_dir, k=2)
+    state["config"] = {**load_checkpoint(trained_checkpoint)["config"], "dataset": "fashion_mnist"}
+    torch.save(state, tmp_path / "fashion.pth")
+    with pytest.raises(UserError, match="dataset is 'mnist'"):
+        compare(str(trained_checkpoint), str(tmp_path / "fashion.pth"), tiny_data_dir, k=2)
