@@ -44,7 +44,7 @@ def compare(path_a: str, path_b: str, data_dir=None, *, k: int = 100, split: str
         n = images or len(data.test_images)
         shared = Split(data.test_images[:n], data.test_labels[:n])
     seed = cfg_a["seed"] if seed is None else seed
-    scores = [per_image_scores(fast.accelerate(model, "cpu") if cfg["fast"] else model, shared,
+    scores = [per_image_scores(fast.accelerate(model, "cpu", enabled=cfg["fast"]), shared,
                                loss_type=cfg["reconstruction_loss_type"], binarize=cfg["binarize"], k=k, seed=seed)
               for model, cfg in ((model_a, cfg_a), (model_b, cfg_b))]
     return {"a": path_a, "b": path_b, "split": split, "k": k, "seed": seed, **paired_difference(*scores)}

@@ -84,7 +84,7 @@ def steps_per_second(cfg, data, steps: int = 60, warmup: int = 20, rounds: int =
     model = VAE(**cfg.model.as_kwargs())
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = fast.accelerate(model, "cpu") if cfg.run.fast else model  # as VAETrainer.train() builds it
+    model = fast.accelerate(model, "cpu", enabled=cfg.run.fast)  # as VAETrainer.train() builds it
     optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay)
     scheduler = create_lr_scheduler(optimizer, "constant", 1)
     loss_fn = build_loss(cfg.loss, cfg.model, len(train_split))
@@ -151,7 +151,7 @@ class Snapshots(Callback):
 
 def _load(model_path: str | Path):
     model, checkpoint = load_model(model_path)
-    return fast.accelerate(model, "cpu") if checkpoint["config"].get("fast", True) else model
+    return fast.accelerate(model, "cpu", enabled=checkpoint["config"].get("fast", True))
 
 
 def score(model_path: str, data, k: int, test_images: int, seed: int = 0) -> dict:

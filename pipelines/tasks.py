@@ -261,7 +261,7 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
 def on_fast_path(model: nn.Module, cfg: Config) -> nn.Module:
     """``model`` with :func:`vae.fast.accelerate` applied when the config's ``fast`` is on (the
     same function, computed faster); a plain model otherwise."""
-    return fast.accelerate(model, next(model.parameters()).device) if cfg.run.fast else model
+    return fast.accelerate(model, enabled=cfg.run.fast)
 
 
 def evaluate_model(model: nn.Module, data: ImageData, cfg: Config, *, k: int, max_test_images: int = 0,

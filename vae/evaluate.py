@@ -198,7 +198,7 @@ def _main(argv=None) -> int:
     device = get_device(args.device)
     model, checkpoint = load_model(args.model_path, device)
     cfg = validate_config(checkpoint["config"])
-    model = fast.accelerate(model, device) if cfg.run.fast else model
+    model = fast.accelerate(model, device, enabled=cfg.run.fast)
     data_dir = args.data_dir or settings.current().data_dir or cfg.data.data_dir
     data = load_dataset(data_dir, cfg.data.dataset)
     progress = args.progress if args.progress is not None else (None if cfg.run.progress else False)

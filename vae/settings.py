@@ -5,7 +5,8 @@ variable               what it sets                                             
 =====================  ========================================================  =======================================
 ``VAE_DATA_DIR``       the folder holding ``<Dataset>/raw`` IDX files: the       ``./data``
                        ``data_dir`` of every preset (``get_default_config``)
-``VAE_CACHE_DIR``      the pipeline's dataset tensors, the FID classifier        ``~/.cache/vae-mlops``
+``VAE_CACHE_DIR``      the pipeline's dataset tensors, the FID classifier,       ``~/.cache/vae-mlops``
+                       the fast path's compiled kernel (``kernels/``)
 ``VAE_FAST_DEV_RUN``   N > 0: every ``VAETrainer`` run is a smoke run, 1 epoch   off
                        of N batches; the trainer warns that it applied it
 ``VAE_MLRUNS_DIR``     the embedded MLflow store (``mlflow.db``, artifacts),     ``./mlruns``

@@ -152,7 +152,7 @@ class VAETrainer:
         model = VAE(**cfg.model.as_kwargs()).to(device)
         if cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model = fast.accelerate(model, device) if cfg.run.fast else model
+        self.model = model = fast.accelerate(model, device, enabled=cfg.run.fast)
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.loss_fn = build_loss(cfg.loss, cfg.model, dataset_size=len(train_split))
         self.optimizer = create_optimizer(model, cfg.train.learning_rate, cfg.train.weight_decay)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from vae import fast
-from vae.fast import gemm
+from vae.fast import bn_act, gemm
+from vae.fast.bn_act import BatchNormAct
 from vae.fast.layers import Conv2d, ConvTranspose2d, OutputConv
 from vae.model import VAE
 
@@ -102,6 +103,7 @@ def test_the_default_model_takes_the_matrix_form_exactly_at_its_2x2_layers():
     assert forms["final_layer.1"] == "output_conv"
     assert {forms[name] for name in ("fc_mu", "fc_log_var", "decoder_input")} == {"plain"}
     assert sum(form == "bias_after" for form in forms.values()) == 6
+    assert sum(form == "bn_act" for form in forms.values()) == 8 or bn_act.library() is None
 
 
 def test_a_contiguous_model_keeps_pytorchs_convolutions():
@@ -115,6 +117,14 @@ def test_accelerate_changes_nothing_where_it_was_not_measured(dtype, device):
     model = VAE(hidden_dims=[8, 16], latent_dim=2).to(dtype)
     fast.accelerate(model, device)
     assert set(fast.forms(model).values()) == {"plain"}
+
+
+def test_enabled_false_keeps_the_plain_model():
+    """``enabled=cfg.run.fast`` is how the trainer, evaluation and pipelines switch the fast path."""
+    model = VAE(hidden_dims=[8, 16], latent_dim=2).to(memory_format=CL)
+    assert fast.accelerate(model, "cpu", enabled=False) is model
+    assert set(fast.forms(model).values()) == {"plain"}
+    assert "output_conv" in fast.forms(fast.accelerate(model, "cpu", enabled=True)).values()
 
 
 def test_include_picks_the_forms():
@@ -172,6 +182,11 @@ def test_the_accelerated_model_in_float64_is_the_plain_function_exactly():
             twin = _twin(module) if OutputConv.fits(module) else _twin(module, matmul=False)
             parent, _, child = name.rpartition(".")
             setattr(ours.get_submodule(parent), child, twin)
+    for seq in [m for m in ours.modules() if type(m) is nn.Sequential]:
+        for i in range(len(seq) - 1):
+            if BatchNormAct.fits(seq[i], seq[i + 1]):
+                seq[i], seq[i + 1] = BatchNormAct.from_plain(seq[i], seq[i + 1]), nn.Identity()
+    assert sum(isinstance(m, BatchNormAct) for m in ours.modules()) == 6
     x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
     outputs = []
     for model in (ours, plain):

@@ -20,6 +20,9 @@ form             what it does                                      where it appl
                  are slow on such tiny maps                        autocast, not under ``torch.compile``
 ``output_conv``  the few-channel output conv (32→1 at 28×28) as    a stride-1 'same' conv with ≤ 4 output
                  a 1×1 conv to k·k tap maps plus a shifted sum     channels and an odd kernel; CPU float32
+``bn_act``       ``BatchNorm2d`` + ``LeakyReLU`` as one compiled   each such pair (the activation becomes
+                 kernel (:mod:`vae.fast.bn_act`): two passes over  ``nn.Identity``); CPU float32 where a C++
+                 memory each way instead of five and six           compiler builds it, no autocast
 ``heap``         :func:`retained_heap`: freed activation buffers   training (``retain_memory``), evaluation
                  stay in the process instead of being unmapped     and the FID classifier's training; Linux
                  and re-faulted every step                         with glibc
@@ -37,12 +40,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vae.fast import bn_act
+from vae.fast.bn_act import BatchNormAct
 from vae.fast.heap import retained_heap
 from vae.fast.layers import MATMUL_MAX_POSITIONS, Conv2d, ConvTranspose2d, OutputConv
 
 __all__ = ["FORMS", "accelerate", "applies", "forms", "retained_heap"]
 
-FORMS = ("bias_after", "matmul", "output_conv")  # the layer forms; the heap is retained_heap
+FORMS = ("bias_after", "matmul", "output_conv", "bn_act")  # the layer forms; the heap is retained_heap
 
 
 def applies(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
@@ -51,7 +56,7 @@ def applies(device: torch.device | str, dtype: torch.dtype = torch.float32) -> b
 
 
 def accelerate(model: nn.Module, device: torch.device | str | None = None,
-               include: tuple[str, ...] = FORMS) -> nn.Module:
+               include: tuple[str, ...] = FORMS, *, enabled: bool = True) -> nn.Module:
     """Swap ``model``'s layers, in place, for their fast twins where :func:`applies`; returns it.
 
     Call after moving the model to its device, dtype and memory format: the matrix form is chosen
@@ -61,12 +66,14 @@ def accelerate(model: nn.Module, device: torch.device | str | None = None,
     Args:
         device: where the model runs (default: where its parameters are).
         include: the forms to apply (all by default; ``benchmarks/fast.py`` leaves each out in turn).
+        enabled: ``False`` returns the model unchanged (a config's ``fast`` key:
+            ``accelerate(model, device, enabled=cfg.run.fast)``).
     """
     unknown = set(include) - set(FORMS)
     if unknown:
         raise ValueError(f"unknown fast forms {sorted(unknown)}; choose from {FORMS}")
     weight = next(model.parameters(), None)
-    if weight is None or not applies(device if device is not None else weight.device, weight.dtype):
+    if not enabled or weight is None or not applies(device if device is not None else weight.device, weight.dtype):
         return model
     small = _small_map_layers(model) if "matmul" in include else set()
     for name, module in list(model.named_modules()):
@@ -74,7 +81,18 @@ def accelerate(model: nn.Module, device: torch.device | str | None = None,
         if twin is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, twin)
+    if "bn_act" in include:
+        _fuse_norm_act(model)
     return model
+
+
+def _fuse_norm_act(model: nn.Module) -> None:
+    """Each ``BatchNorm2d`` followed by a ``LeakyReLU`` in a ``Sequential`` -> ``BatchNormAct`` and
+    ``nn.Identity`` (no state, so the state_dict keys stay); nothing where the kernel is not built."""
+    for seq in [m for m in model.modules() if type(m) is nn.Sequential]:
+        for i in range(len(seq) - 1):
+            if BatchNormAct.fits(seq[i], seq[i + 1]) and bn_act.library() is not None:
+                seq[i], seq[i + 1] = BatchNormAct.from_plain(seq[i], seq[i + 1]), nn.Identity()
 
 
 def _small_map_layers(model: nn.Module) -> set[str]:
@@ -119,11 +137,16 @@ def _twin(module: nn.Module, include: tuple[str, ...], small: bool) -> nn.Module
 
 
 def forms(model: nn.Module) -> dict[str, str]:
-    """Layer name -> the form each convolution and linear layer computes in: 'plain',
-    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map) or 'output_conv'."""
+    """Layer name -> the form each convolution, linear layer and BatchNorm computes in: 'plain',
+    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map), 'output_conv' or 'bn_act'
+    (a BatchNorm with the LeakyReLU after it)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, OutputConv):
+        if isinstance(module, BatchNormAct):
+            out[name] = "bn_act"
+        elif type(module) is nn.BatchNorm2d:
+            out[name] = "plain"
+        elif isinstance(module, OutputConv):
             out[name] = "output_conv"
         elif isinstance(module, (Conv2d, ConvTranspose2d)):
             out[name] = "+".join(f for f, on in (("bias_after", module.bias_after), ("matmul", module.matmul)) if on)

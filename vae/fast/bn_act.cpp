@@ -1,0 +1,245 @@
+// BatchNorm (training statistics) followed by LeakyReLU, forward and backward, in two passes over
+// memory each instead of the five that the separate PyTorch ops make. Built by vae/fast/bn_act.py
+// (g++ -O3 -fopenmp, linked to the libgomp that torch has already loaded), called through ctypes.
+//
+// A tensor (N, C, H, W) is seen as (O, C, I): element (o, c, i) at o*C*I + c*I + i. Channels-last
+// memory is O = N*H*W, I = 1 (rows of C channels); contiguous memory is O = N, I = H*W (planes).
+// Sums are accumulated in double, per thread, then added up. With a = gamma*invstd and b = beta - mean*a, the forward is
+//     y = leaky(x*a + b)
+// and the backward, with gv = dL/dv (the LeakyReLU's slope applied), xhat = (x - mean)*invstd:
+//     dbeta = sum gv,  dgamma = sum gv*xhat,
+//     dx = a*(gv - dbeta/n - xhat*dgamma/n)  =  a*gv + B*x + D   (B, D per channel).
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Each pass is one loop over memory: rows of C channels (channels-last) or planes of I values
+// (contiguous), split over the threads, the inner loop vectorised ("omp simd").
+
+// mean[c] and the biased variance var[c] of x, from sums shifted by each channel's first value
+// (shifting keeps sum(d^2) - sum(d)^2/n from cancelling when |mean| >> std).
+template <typename T>
+void stats(const T* x, long O, long C, long I, int threads, double* mean, double* var) {
+  std::vector<double> shift(C), acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+  for (long c = 0; c < C; ++c) shift[c] = x[c * I];
+#pragma omp parallel num_threads(threads)
+  {
+    double* __restrict s1 = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+    double* __restrict s2 = s1 + C;
+    const double* __restrict sh = shift.data();
+    if (I == 1) {
+#pragma omp for schedule(static)
+      for (long o = 0; o < O; ++o) {
+        const T* __restrict row = x + o * C;
+#pragma omp simd
+        for (long c = 0; c < C; ++c) {
+          double d = static_cast<double>(row[c]) - sh[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+    } else {
+#pragma omp for schedule(static) collapse(2)
+      for (long o = 0; o < O; ++o)
+        for (long c = 0; c < C; ++c) {
+          const T* __restrict plane = x + (o * C + c) * I;
+          double origin = sh[c], a1 = 0.0, a2 = 0.0;
+#pragma omp simd reduction(+ : a1, a2)
+          for (long i = 0; i < I; ++i) {
+            double d = static_cast<double>(plane[i]) - origin;
+            a1 += d;
+            a2 += d * d;
+          }
+          s1[c] += a1;
+          s2[c] += a2;
+        }
+    }
+  }
+  double n = static_cast<double>(O) * I;
+  for (long c = 0; c < C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      s1 += acc[static_cast<size_t>(t) * 2 * C + c];
+      s2 += acc[static_cast<size_t>(t) * 2 * C + C + c];
+    }
+    double m = s1 / n;
+    mean[c] = shift[c] + m;
+    var[c] = std::fmax(s2 / n - m * m, 0.0);
+  }
+}
+
+// y = leaky(x*a + b), a and b per channel.
+template <typename T>
+void affine_leaky(const T* x, T* y, long O, long C, long I, int threads, const T* a, const T* b, T slope) {
+  if (I == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long o = 0; o < O; ++o) {
+      const T* __restrict xr = x + o * C;
+      T* __restrict yr = y + o * C;
+#pragma omp simd
+      for (long c = 0; c < C; ++c) {
+        T v = xr[c] * a[c] + b[c];
+        yr[c] = v > T(0) ? v : v * slope;
+      }
+    }
+  } else {
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+    for (long o = 0; o < O; ++o)
+      for (long c = 0; c < C; ++c) {
+        const T* __restrict xp = x + (o * C + c) * I;
+        T* __restrict yp = y + (o * C + c) * I;
+        T ac = a[c], bc = b[c];
+#pragma omp simd
+        for (long i = 0; i < I; ++i) {
+          T v = xp[i] * ac + bc;
+          yp[i] = v > T(0) ? v : v * slope;
+        }
+      }
+  }
+}
+
+// Training: the batch's statistics, a and b, the running statistics (when given), then y.
+template <typename T>
+void forward(const T* x, T* y, long O, long C, long I, int threads, const T* weight, const T* bias, double eps,
+             double slope, T* running_mean, T* running_var, double factor, double* mean, double* invstd, T* a,
+             T* b) {
+  std::vector<double> var(C);
+  stats(x, O, C, I, threads, mean, var.data());
+  double n = static_cast<double>(O) * I;
+  for (long c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    a[c] = static_cast<T>(weight[c] * invstd[c]);
+    b[c] = static_cast<T>(bias[c] - mean[c] * a[c]);
+    if (running_mean != nullptr) {
+      running_mean[c] = static_cast<T>((1.0 - factor) * running_mean[c] + factor * mean[c]);
+      running_var[c] = static_cast<T>((1.0 - factor) * running_var[c] + factor * var[c] * n / (n - 1.0));
+    }
+  }
+  affine_leaky(x, y, O, C, I, threads, a, b, static_cast<T>(slope));
+}
+
+// Evaluation: the running statistics, one pass.
+template <typename T>
+void apply(const T* x, T* y, long O, long C, long I, int threads, const T* running_mean, const T* running_var,
+           const T* weight, const T* bias, double eps, double slope) {
+  std::vector<T> a(C), b(C);
+  for (long c = 0; c < C; ++c) {
+    double scale = weight[c] / std::sqrt(static_cast<double>(running_var[c]) + eps);
+    a[c] = static_cast<T>(scale);
+    b[c] = static_cast<T>(bias[c] - running_mean[c] * scale);
+  }
+  affine_leaky(x, y, O, C, I, threads, a.data(), b.data(), static_cast<T>(slope));
+}
+
+// The LeakyReLU's gradient factor at x (the forward's own x*a + b): a select, not a branch.
+template <typename T>
+inline T slope_at(T x, T a, T b, T slope) { return x * a + b > T(0) ? T(1) : slope; }
+
+// dx, dweight = sum gv*xhat and dbias = sum gv.
+template <typename T>
+void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads, const T* a, const T* b,
+              double slope, const double* mean, const double* invstd, T* dweight, T* dbias) {
+  const T s = static_cast<T>(slope);
+  std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    double* __restrict s1 = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+    double* __restrict s2 = s1 + C;
+    if (I == 1) {
+#pragma omp for schedule(static)
+      for (long o = 0; o < O; ++o) {
+        const T* __restrict xr = x + o * C;
+        const T* __restrict gr = g + o * C;
+#pragma omp simd
+        for (long c = 0; c < C; ++c) {
+          T gv = gr[c] * slope_at(xr[c], a[c], b[c], s);
+          s1[c] += gv;
+          s2[c] += static_cast<double>(gv) * (static_cast<double>(xr[c]) - mean[c]);
+        }
+      }
+    } else {
+#pragma omp for schedule(static) collapse(2)
+      for (long o = 0; o < O; ++o)
+        for (long c = 0; c < C; ++c) {
+          const T* __restrict xp = x + (o * C + c) * I;
+          const T* __restrict gp = g + (o * C + c) * I;
+          T ac = a[c], bc = b[c];
+          double mc = mean[c], a1 = 0.0, a2 = 0.0;
+#pragma omp simd reduction(+ : a1, a2)
+          for (long i = 0; i < I; ++i) {
+            T gv = gp[i] * slope_at(xp[i], ac, bc, s);
+            a1 += gv;
+            a2 += static_cast<double>(gv) * (static_cast<double>(xp[i]) - mc);
+          }
+          s1[c] += a1;
+          s2[c] += a2;
+        }
+    }
+  }
+  double n = static_cast<double>(O) * I;
+  std::vector<T> B(C), D(C);
+  for (long c = 0; c < C; ++c) {
+    double sum_gv = 0.0, sum_gv_xc = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      sum_gv += acc[static_cast<size_t>(t) * 2 * C + c];
+      sum_gv_xc += acc[static_cast<size_t>(t) * 2 * C + C + c];
+    }
+    double mean_gv = sum_gv / n, mean_gv_xhat = sum_gv_xc * invstd[c] / n;
+    dbias[c] = static_cast<T>(sum_gv);
+    dweight[c] = static_cast<T>(sum_gv_xc * invstd[c]);
+    B[c] = static_cast<T>(-a[c] * mean_gv_xhat * invstd[c]);
+    D[c] = static_cast<T>(a[c] * (mean[c] * mean_gv_xhat * invstd[c] - mean_gv));
+  }
+  const T* __restrict Bp = B.data();
+  const T* __restrict Dp = D.data();
+  if (I == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long o = 0; o < O; ++o) {
+      const T* __restrict xr = x + o * C;
+      const T* __restrict gr = g + o * C;
+      T* __restrict dr = dx + o * C;
+#pragma omp simd
+      for (long c = 0; c < C; ++c) dr[c] = a[c] * (gr[c] * slope_at(xr[c], a[c], b[c], s)) + Bp[c] * xr[c] + Dp[c];
+    }
+  } else {
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+    for (long o = 0; o < O; ++o)
+      for (long c = 0; c < C; ++c) {
+        const T* __restrict xp = x + (o * C + c) * I;
+        const T* __restrict gp = g + (o * C + c) * I;
+        T* __restrict dp = dx + (o * C + c) * I;
+        T ac = a[c], bc = b[c], Bc = Bp[c], Dc = Dp[c];
+#pragma omp simd
+        for (long i = 0; i < I; ++i) dp[i] = ac * (gp[i] * slope_at(xp[i], ac, bc, s)) + Bc * xp[i] + Dc;
+      }
+  }
+}
+
+}  // namespace
+
+// The entry points bn_act.py calls, for float (f32) and double (f64) tensors.
+#define BN_ACT_ENTRY_POINTS(T, SUFFIX)                                                                     \
+  void bn_act_forward_##SUFFIX(const T* x, T* y, long O, long C, long I, int threads, const T* weight,   \
+                               const T* bias, double eps, double slope, T* running_mean, T* running_var, \
+                               double factor, double* mean, double* invstd, T* a, T* b) {                \
+    forward(x, y, O, C, I, threads, weight, bias, eps, slope, running_mean, running_var, factor, mean,  \
+            invstd, a, b);                                                                               \
+  }                                                                                                      \
+  void bn_act_apply_##SUFFIX(const T* x, T* y, long O, long C, long I, int threads, const T* running_mean, \
+                             const T* running_var, const T* weight, const T* bias, double eps,           \
+                             double slope) {                                                             \
+    apply(x, y, O, C, I, threads, running_mean, running_var, weight, bias, eps, slope);                 \
+  }                                                                                                      \
+  void bn_act_backward_##SUFFIX(const T* g, const T* x, T* dx, long O, long C, long I, int threads,       \
+                                const T* a, const T* b, double slope, const double* mean,                \
+                                const double* invstd, T* dweight, T* dbias) {                            \
+    backward(g, x, dx, O, C, I, threads, a, b, slope, mean, invstd, dweight, dbias);                     \
+  }
+
+extern "C" {
+BN_ACT_ENTRY_POINTS(float, f32)
+BN_ACT_ENTRY_POINTS(double, f64)
+}
