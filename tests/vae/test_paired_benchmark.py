@@ -37,9 +37,10 @@ def test_two_models_are_scored_on_the_validation_images_with_one_seed(pair, tiny
     scores = [per_image_scores(load_model(p)[0], images, loss_type=cfg["reconstruction_loss_type"],
                                binarize=cfg["binarize"], k=5, seed=cfg["seed"]) for p in (a, b)]
     assert out["images"] == 40
-    assert out["mean_a"] == pytest.approx(float(scores[0].mean()), abs=1e-6)
-    assert out["mean_b"] == pytest.approx(float(scores[1].mean()), abs=1e-6)
-    assert out["difference"] == pytest.approx(float((scores[0] - scores[1]).mean()), abs=1e-6)
+    # compare() scores the models on the fast path (the same function, float32 rounding apart)
+    assert out["mean_a"] == pytest.approx(float(scores[0].mean()), rel=1e-7)
+    assert out["mean_b"] == pytest.approx(float(scores[1].mean()), rel=1e-7)
+    assert out["difference"] == pytest.approx(float((scores[0] - scores[1]).mean()), abs=1e-4)
     assert out["difference"] != 0.0 and out["se"] > 0.0  # EMA and live weights are different models
 
 
