@@ -138,15 +138,13 @@ void apply(const T* x, T* y, long O, long C, long I, int threads, const T* runni
 template <typename T>
 inline T slope_at(T x, T a, T b, T slope) { return x * a + b > T(0) ? T(1) : slope; }
 
-// dx, dweight = sum gv*xhat and dbias = sum gv.
+// Pass 1 of the backward: acc[t][c] += gv and acc[t][C + c] += gv*(x - mean) per thread t.
 template <typename T>
-void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads, const T* a, const T* b,
-              double slope, const double* mean, const double* invstd, T* dweight, T* dbias) {
-  const T s = static_cast<T>(slope);
-  std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+void gradient_sums(const T* g, const T* x, long O, long C, long I, int threads, const T* a, const T* b, T s,
+                   const double* mean, double* acc) {
 #pragma omp parallel num_threads(threads)
   {
-    double* __restrict s1 = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+    double* __restrict s1 = acc + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
     double* __restrict s2 = s1 + C;
     if (I == 1) {
 #pragma omp for schedule(static)
@@ -179,6 +177,42 @@ void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads
         }
     }
   }
+}
+
+// Pass 2: dx = a*gv + B*x + D.
+template <typename T>
+void input_gradient(const T* g, const T* x, T* dx, long O, long C, long I, int threads, const T* a, const T* b,
+                    T s, const T* B, const T* D) {
+  if (I == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long o = 0; o < O; ++o) {
+      const T* __restrict xr = x + o * C;
+      const T* __restrict gr = g + o * C;
+      T* __restrict dr = dx + o * C;
+#pragma omp simd
+      for (long c = 0; c < C; ++c) dr[c] = a[c] * (gr[c] * slope_at(xr[c], a[c], b[c], s)) + B[c] * xr[c] + D[c];
+    }
+  } else {
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+    for (long o = 0; o < O; ++o)
+      for (long c = 0; c < C; ++c) {
+        const T* __restrict xp = x + (o * C + c) * I;
+        const T* __restrict gp = g + (o * C + c) * I;
+        T* __restrict dp = dx + (o * C + c) * I;
+        T ac = a[c], bc = b[c], Bc = B[c], Dc = D[c];
+#pragma omp simd
+        for (long i = 0; i < I; ++i) dp[i] = ac * (gp[i] * slope_at(xp[i], ac, bc, s)) + Bc * xp[i] + Dc;
+      }
+  }
+}
+
+// dx, dweight = sum gv*xhat and dbias = sum gv.
+template <typename T>
+void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads, const T* a, const T* b,
+              double slope, const double* mean, const double* invstd, T* dweight, T* dbias) {
+  const T s = static_cast<T>(slope);
+  std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+  gradient_sums(g, x, O, C, I, threads, a, b, s, mean, acc.data());
   double n = static_cast<double>(O) * I;
   std::vector<T> B(C), D(C);
   for (long c = 0; c < C; ++c) {
@@ -193,29 +227,7 @@ void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads
     B[c] = static_cast<T>(-a[c] * mean_gv_xhat * invstd[c]);
     D[c] = static_cast<T>(a[c] * (mean[c] * mean_gv_xhat * invstd[c] - mean_gv));
   }
-  const T* __restrict Bp = B.data();
-  const T* __restrict Dp = D.data();
-  if (I == 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long o = 0; o < O; ++o) {
-      const T* __restrict xr = x + o * C;
-      const T* __restrict gr = g + o * C;
-      T* __restrict dr = dx + o * C;
-#pragma omp simd
-      for (long c = 0; c < C; ++c) dr[c] = a[c] * (gr[c] * slope_at(xr[c], a[c], b[c], s)) + Bp[c] * xr[c] + Dp[c];
-    }
-  } else {
-#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
-    for (long o = 0; o < O; ++o)
-      for (long c = 0; c < C; ++c) {
-        const T* __restrict xp = x + (o * C + c) * I;
-        const T* __restrict gp = g + (o * C + c) * I;
-        T* __restrict dp = dx + (o * C + c) * I;
-        T ac = a[c], bc = b[c], Bc = Bp[c], Dc = Dp[c];
-#pragma omp simd
-        for (long i = 0; i < I; ++i) dp[i] = ac * (gp[i] * slope_at(xp[i], ac, bc, s)) + Bc * xp[i] + Dc;
-      }
-  }
+  input_gradient(g, x, dx, O, C, I, threads, a, b, s, B.data(), D.data());
 }
 
 }  // namespace
