@@ -132,8 +132,8 @@ class _Function(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         a, b, mean, invstd = ctx.stats
-        grad = grad.contiguous(memory_format=torch.channels_last if _view(x)[2] == 1 else torch.contiguous_format)
         o, c, i = _view(x)
+        grad = grad.contiguous(memory_format=torch.channels_last if i == 1 else torch.contiguous_format)
         dx, dweight, dbias = torch.empty_like(x), torch.empty_like(a), torch.empty_like(a)
         _kernel("backward", x.dtype)(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), o, c, i, torch.get_num_threads(),
                                      a.data_ptr(), b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(),
