@@ -20,7 +20,7 @@ from typing import Any
 from prefect.logging.configuration import ensure_logging_setup
 from prefect.logging.handlers import PrefectConsoleHandler
 
-from vae.errors import UserError
+from vae.errors import Interrupted, UserError
 
 __all__ = ["UserErrorFilter", "dumps", "hide_user_error_tracebacks", "strict_json"]
 
@@ -28,7 +28,7 @@ RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 
 
 def _user_error_names() -> set[str]:
-    names, todo = set(), [UserError]
+    names, todo = set(), [UserError, Interrupted]
     while todo:
         cls = todo.pop()
         names.add(cls.__name__)
@@ -37,14 +37,15 @@ def _user_error_names() -> set[str]:
 
 
 class UserErrorFilter(logging.Filter):
-    """Drops the task/flow-run records about a failure whose exception is a :class:`UserError`:
+    """Drops the task/flow-run records about a failure whose exception is a :class:`UserError` (or
+    an :class:`~vae.errors.Interrupted`: work stopped on request, which the command line reports):
     those carrying it as ``exc_info``, and the "Finished in state Failed(... DataError: ...)" lines
     that name it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(RUN_LOGGERS):
             return True
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, Interrupted)):
             return False
         message = record.getMessage()
         if message.startswith("Finished in state Failed"):

@@ -48,7 +48,7 @@ from vae.data import FILES, ImageData, load_dataset
 from vae.device import get_device
 from vae.evaluate import evaluate as vae_evaluate
 from vae.figures import write_figures
-from vae.errors import UserError
+from vae.errors import Interrupted, UserError
 from vae.files import StorageError, atomic_write, storage_fault
 from vae.train import RESUMABLE_OVERRIDES, VAETrainer
 
@@ -141,6 +141,11 @@ def catch_up(checkpoint_dir: str, experiment_name: str) -> str | None:
     if line:
         print(line)
     return line
+
+
+class TrainingStopped(Interrupted):
+    """A signal (SIGTERM, Ctrl-C) stopped training cleanly: ``last.pth`` records the exact batch.
+    The flow then ends the run ``KILLED`` without scoring or registering the partial model."""
 
 
 class ResumeError(UserError, ValueError):
@@ -254,6 +259,9 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
     callback = tracking.MLflowCallback(outbox, run_id, log_checkpoints=True)
     trainer = VAETrainer(cfg, [callback], resume=last.is_file(), data=load_data(data_ref))
     result = trainer.train()
+    if result["status"] == "stopped":
+        raise TrainingStopped(f"training stopped ({result['stop_reason']}) after {result['epochs_completed']} of "
+                              f"{cfg.train.num_epochs} epochs; continue it with: {sync.resume_command(run_id)}")
     return {k: result[k] for k in ("status", "stop_reason", "run_dir", "epochs_completed", "best_val_nelbo",
                                    "best_model_path", "final_metrics", "history")}
 

@@ -113,6 +113,10 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
         version = tasks.register(best, config, run_id, score, run_kind, tracking_wait_s) if register else None
     except BaseException as e:
+        if isinstance(e, tasks.TrainingStopped):  # on request: ended KILLED, nothing scored or registered
+            print(f"MLflow run {run_id}: {e}")
+            tasks.finish_run(run_id, ckpt, "KILLED", str(e), tracking_wait_s)
+            raise
         print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {sync.resume_command(run_id)}")
         tasks.finish_run(run_id, ckpt, "FAILED", f"{type(e).__name__}: {e} (continue it with: "
                          f"{sync.resume_command(run_id)})", tracking_wait_s)

@@ -19,14 +19,15 @@ import types
 import typing
 from typing import Any, Callable, Literal
 
-from vae.errors import UserError
+from vae.errors import Interrupted, UserError
 
 __all__ = ["add_dataclass_arguments", "dataclass_parameters", "expand_kwargs", "given_arguments", "parse_bool",
            "run_cli"]
 
 
 def run_cli(main: Callable[[Any], int | None], argv=None, extra_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a CLI body, turning user-facing errors into one line and exit code 2.
+    """Run a CLI body, turning user-facing errors into one line and exit code 2, and work stopped on
+    request (:class:`~vae.errors.Interrupted`) into one line and exit code 130.
 
     Args:
         main: the CLI body, ``main(argv) -> exit code``.
@@ -38,6 +39,9 @@ def run_cli(main: Callable[[Any], int | None], argv=None, extra_errors: tuple[ty
     except (UserError, *extra_errors) as e:
         print(f"error: {e.message() if isinstance(e, UserError) else e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
 
 
 def parse_bool(text: str) -> bool:

@@ -1,9 +1,10 @@
-"""The base class of every error a user causes and can fix.
+"""The base classes of what a command line reports in one line instead of a traceback.
 
-Each module raises its own subclass (``ConfigError`` in :mod:`vae.config`, ``DataError`` in
+:class:`UserError`: every error a user causes and can fix. Each module raises its own subclass (``ConfigError`` in :mod:`vae.config`, ``DataError`` in
 :mod:`vae.data`, ``CheckpointError`` in :mod:`vae.checkpoint`, ...) whose message names what is
 wrong and how to fix it. Command lines catch :class:`UserError` alone (:func:`vae.cli.run_cli`)
-and print that message instead of a traceback.
+and print that message instead of a traceback. :class:`Interrupted`: work a user stopped (SIGTERM,
+Ctrl-C) after saving what it had; command lines print its message and exit 130.
 """
 
 from __future__ import annotations
@@ -15,3 +16,7 @@ class UserError(Exception):
     def message(self) -> str:
         """What a command line prints after ``error:`` (default: the exception's text)."""
         return str(self)
+
+
+class Interrupted(Exception):
+    """Work stopped on request after saving its state; the message says how to continue it."""

@@ -1,13 +1,15 @@
 """Pipelines and sweeps under faults: a diverging run ends FAILED in MLflow with its reason and
-registers nothing; an unreachable tracking server fails a run fast, naming the server."""
+registers nothing; a run stopped with SIGTERM ends KILLED, scores and registers nothing, and
+``--resume`` finishes it; an unreachable tracking server fails a run fast, naming the server."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 
-from tests.reliability.conftest import tally
+from tests.reliability.conftest import PYTHON, cli_flags, tally, wait_for
 from tests.reliability.faultproxy import free_port
 
 TINY_FLOW = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "num_epochs": 2, "val_size": 100,
@@ -34,6 +36,49 @@ def test_diverging_flow_run_ends_failed_with_the_reason_and_registers_nothing(pr
     assert f"python -m pipelines.training --resume {run.info.run_id}" in run.data.tags[tracking.TAG_FAILURE_REASON]
     assert client.search_registered_models() == []
     assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    tally("runs_checked")
+
+
+def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_finishes_it(
+        prefect_harness, mlflow_store, procs, tiny_data_dir, tmp_path):
+    """`vae-pipeline` on SIGTERM: the step finishes, `last.pth` is saved, the MLflow run ends KILLED
+    with how to continue, the partial model is neither scored nor registered, exit 130 with one
+    line; `--resume RUN_ID` then trains the rest into the same run and registers it."""
+    from prefect.settings import PREFECT_API_URL
+
+    import tracking
+    from pipelines.training import vae_training
+    from vae.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "ck"
+    flags = cli_flags({**TINY_FLOW, "num_epochs": 500, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
+                       "experiment_name": "rel-sigterm", "iw_k": 4, "eval_max_images": 50})
+    proc = procs.start([PYTHON, "-m", "pipelines.training", "--preset", "small", *flags],
+                       env={**procs.env, "VAE_MLRUNS_DIR": str(mlflow_store),
+                            "PREFECT_API_URL": str(PREFECT_API_URL.value())})
+    found = wait_for(lambda: list(ckpt.glob("pipeline/*/rel-sigterm/last.pth")), timeout=120, proc=proc)
+    assert found, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)  # the CLI's own process, as `kill PID` or a scheduler sends it
+    tally("faults")
+    out, err = proc.communicate(timeout=120)
+    (last,) = ckpt.glob("pipeline/*/rel-sigterm/last.pth")
+    run_id, done = last.parent.parent.name, load_checkpoint(last)["epoch"]
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith("stopped: training stopped (SIGTERM) after "), err[-2000:]
+    assert f"--resume {run_id}" in err.strip().splitlines()[-1] and "Traceback" not in out + err, err[-3000:]
+    client = tracking.get_client()
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags[tracking.TAG_FAILURE_REASON]
+    assert not [k for k in run.data.metrics if k.startswith("test/")], run.data.metrics
+    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    assert 1 <= done < 500
+
+    out = vae_training(resume_run_id=run_id, num_epochs=done + 1, overrides={"checkpoint_dir": str(ckpt)},
+                       **FAST_EVAL, figures=False, tracking_wait_s=10)
+    run = client.get_run(run_id)
+    assert out["run_id"] == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from"].startswith("KILLED: ")
+    assert "test/iw_nll_k4" in run.data.metrics and out["model_version"]
     tally("runs_checked")
 
 
