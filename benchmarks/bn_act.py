@@ -11,7 +11,6 @@ and bias gradients), in channels-last and contiguous memory, float32 on the CPU,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -19,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from benchmarks import kernel_args
 from vae.fast import bn_act, retained_heap
 from vae.fast.bn_act import BatchNormAct
 
@@ -42,13 +42,10 @@ def _time(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int) 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
+    p = kernel_args.parser(__doc__)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per form and round")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = kernel_args.parse(p, argv)
     if bn_act.library() is None:
         raise SystemExit("error: the kernel was not built (no C++ compiler; set CXX): nothing to compare")
     torch.manual_seed(0)

@@ -16,13 +16,13 @@ each variant's median step time and, for a piece left out, the share of the step
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
 
+from benchmarks import kernel_args
 from vae import fast
 from vae.losses import VAELoss
 from vae.model import VAE
@@ -41,13 +41,10 @@ def _variants() -> dict[str, tuple[tuple[str, ...], bool]]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
+    p = kernel_args.parser(__doc__)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--steps", type=int, default=3, help="timed steps per block")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = kernel_args.parse(p, argv)
     torch.manual_seed(0)
     base = VAE().to(memory_format=torch.channels_last)
     variants = _variants()

@@ -16,13 +16,13 @@ Two tables, float32 on the CPU, medians of ``--repeats`` timed calls after warm-
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import kernel_args
 from vae.fast import gemm, retained_heap
 from vae.fast.layers import MATMUL_MAX_POSITIONS
 
@@ -86,12 +86,9 @@ def conv_table(repeats: int) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
+    p = kernel_args.parser(__doc__)
     p.add_argument("--repeats", type=int, default=30)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = kernel_args.parse(p, argv)
     if not gemm.available():
         raise SystemExit("this PyTorch build has no oneDNN matmul op (torch.ops.mkldnn._linear_pointwise): "
                          "vae.gemm falls back to PyTorch's kernels, nothing to compare")
