@@ -25,10 +25,11 @@ from vae.errors import Interrupted, UserError
 __all__ = ["UserErrorFilter", "dumps", "hide_user_error_tracebacks", "strict_json"]
 
 RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+QUIET = (UserError, Interrupted)  # failures the command line reports in one line of its own
 
 
 def _user_error_names() -> set[str]:
-    names, todo = set(), [UserError, Interrupted]
+    names, todo = set(), list(QUIET)
     while todo:
         cls = todo.pop()
         names.add(cls.__name__)
@@ -45,7 +46,7 @@ class UserErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(RUN_LOGGERS):
             return True
-        if record.exc_info and isinstance(record.exc_info[1], (UserError, Interrupted)):
+        if record.exc_info and isinstance(record.exc_info[1], QUIET):
             return False
         message = record.getMessage()
         if message.startswith("Finished in state Failed"):

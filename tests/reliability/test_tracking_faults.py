@@ -64,8 +64,9 @@ def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_fini
     (last,) = ckpt.glob("pipeline/*/rel-sigterm/last.pth")
     run_id, done = last.parent.parent.name, load_checkpoint(last)["epoch"]
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    assert err.strip().splitlines()[-1].startswith("stopped: training stopped (SIGTERM) after "), err[-2000:]
-    assert f"--resume {run_id}" in err.strip().splitlines()[-1] and "Traceback" not in out + err, err[-3000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("stopped: training stopped (SIGTERM) after "), err[-2000:]
+    assert f"--resume {run_id}" in last_line and "Traceback" not in out + err, err[-3000:]
     client = tracking.get_client()
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags[tracking.TAG_FAILURE_REASON]
