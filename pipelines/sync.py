@@ -15,6 +15,7 @@ the command continuing it (``python -m pipelines.training --resume <run id>``).
 from __future__ import annotations
 
 import argparse
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from tracking.outbox import OUTBOX_FILE
 from vae.cli import run_cli
 from vae.config import get_default_config
 
-__all__ = ["HANDLERS", "catch_up", "deliver_all", "end_dead_runs", "resume_command", "run_folder"]
+__all__ = ["HANDLERS", "catch_up", "checkpoint_root", "deliver_all", "end_dead_runs", "resume_command", "run_folder"]
 
 PIPELINE_DIR = "pipeline"  # <checkpoint_dir>/pipeline/<run id>/: one folder per MLflow run
 
@@ -39,8 +40,18 @@ def run_folder(checkpoint_dir: str | Path, run_id: str) -> Path:
     return Path(checkpoint_dir) / PIPELINE_DIR / run_id
 
 
-def resume_command(run_id: str) -> str:
-    return f"python -m pipelines.training --resume {run_id}"
+def checkpoint_root(folder: str | Path) -> Path:
+    """The ``checkpoint_dir`` a run folder (:func:`run_folder`) lies under."""
+    return Path(folder).parents[1]
+
+
+def resume_command(run_id: str, checkpoint_dir: str | Path | None = None) -> str:
+    """The command that continues pipeline run ``run_id``; it names ``--checkpoint_dir`` when the
+    run's checkpoints are not under the default folder (``resume`` looks for them there)."""
+    command = f"python -m pipelines.training --resume {run_id}"
+    if checkpoint_dir is not None and Path(checkpoint_dir) != Path(get_default_config()["checkpoint_dir"]):
+        command += f" --checkpoint_dir {shlex.quote(str(checkpoint_dir))}"
+    return command
 
 
 def register_record(client: MlflowClient, record: Mapping[str, Any]) -> None:
@@ -95,7 +106,7 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
         pid = run.data.tags[tracking.TAG_PROCESS_PID]
         client.set_tag(run.info.run_id, tracking.TAG_FAILURE_REASON,
                        f"its process (pid {pid}) died without ending it; continue it with: "
-                       f"{resume_command(run.info.run_id)}")
+                       f"{resume_command(run.info.run_id, checkpoint_root(folder) if folder else None)}")
         client.set_terminated(run.info.run_id, status="FAILED")
         ended.append(run.info.run_id)
     return ended

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from mlflow.exceptions import MlflowException
@@ -148,6 +151,31 @@ class TrainingStopped(Interrupted):
     The flow then ends the run ``KILLED`` without scoring or registering the partial model."""
 
 
+class EvaluationStopped(Interrupted):
+    """A signal (SIGTERM, Ctrl-C) arrived while a trained run was being scored. The flow ends the
+    run ``KILLED`` and registers nothing; ``--resume`` finds its training complete and scores it."""
+
+
+@contextmanager
+def stop_on_signals(what: str, then: str) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise :class:`EvaluationStopped` ("``what`` stopped
+    (SIGTERM); ``then``") where the main thread is; elsewhere (a deployment's worker thread) nothing
+    changes, as only the main thread gets signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise EvaluationStopped(f"{what} stopped ({signal.Signals(signum).name}); {then}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 class ResumeError(UserError, ValueError):
     """``--resume RUN_ID`` names a run that cannot be continued (unknown, running, no checkpoint)."""
 
@@ -259,9 +287,10 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
     callback = tracking.MLflowCallback(outbox, run_id, log_checkpoints=True)
     trainer = VAETrainer(cfg, [callback], resume=last.is_file(), data=load_data(data_ref))
     result = trainer.train()
-    if result["status"] == "stopped":
+    if result["stop_reason"] is not None:  # also a signal after the last step: stop before scoring
         raise TrainingStopped(f"training stopped ({result['stop_reason']}) after {result['epochs_completed']} of "
-                              f"{cfg.train.num_epochs} epochs; continue it with: {sync.resume_command(run_id)}")
+                              f"{cfg.train.num_epochs} epochs; continue it with: "
+                              f"{sync.resume_command(run_id, sync.checkpoint_root(cfg.run.checkpoint_dir))}")
     return {k: result[k] for k in ("status", "stop_reason", "run_dir", "epochs_completed", "best_val_nelbo",
                                    "best_model_path", "final_metrics", "history")}
 

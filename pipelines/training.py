@@ -33,6 +33,7 @@ from pipelines import console, sync, tasks
 from vae.cli import dataclass_parameters, expand_kwargs, run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
 from vae.data import read_raw_files
+from vae.errors import Interrupted
 from vae.likelihood import likelihood_protocol
 
 Preset = Literal[tuple(sorted(PRESETS))]
@@ -105,21 +106,23 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         tasks.tag_run(run_id, ckpt, {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
         result = tasks.train(train_config, data_ref, run_id)
         best = result["best_model_path"]
-        metrics = tasks.evaluate(best, config, data_ref, run_id, k=iw_k, max_test_images=eval_max_images,
-                                 max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
-        figures = tasks.figures(best, config, data_ref, run_id, result["history"]) if write_figures else {}
-        tasks.summary(run, config, metrics, figures, likelihood_protocol(
-            config["reconstruction_loss_type"], config["binarize"], iw_k, eval_max_images))
+        with tasks.stop_on_signals("scoring the trained model", "nothing was registered; score and register it "
+                                   f"with: {sync.resume_command(run_id, ckpt)}"):
+            metrics = tasks.evaluate(best, config, data_ref, run_id, k=iw_k, max_test_images=eval_max_images,
+                                     max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
+            figures = tasks.figures(best, config, data_ref, run_id, result["history"]) if write_figures else {}
+            tasks.summary(run, config, metrics, figures, likelihood_protocol(
+                config["reconstruction_loss_type"], config["binarize"], iw_k, eval_max_images))
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
         version = tasks.register(best, config, run_id, score, run_kind, tracking_wait_s) if register else None
     except BaseException as e:
-        if isinstance(e, tasks.TrainingStopped):  # on request: ended KILLED, nothing scored or registered
+        if isinstance(e, Interrupted):  # on request: ended KILLED, nothing scored (or not all) or registered
             print(f"MLflow run {run_id}: {e}")
             tasks.finish_run(run_id, ckpt, "KILLED", str(e), tracking_wait_s)
             raise
-        print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {sync.resume_command(run_id)}")
+        print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {sync.resume_command(run_id, ckpt)}")
         tasks.finish_run(run_id, ckpt, "FAILED", f"{type(e).__name__}: {e} (continue it with: "
-                         f"{sync.resume_command(run_id)})", tracking_wait_s)
+                         f"{sync.resume_command(run_id, ckpt)})", tracking_wait_s)
         raise
     pending = tasks.finish_run(run_id, ckpt, "FINISHED", None, tracking_wait_s)
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),

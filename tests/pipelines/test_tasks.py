@@ -98,3 +98,14 @@ def test_evaluation_takes_the_fast_path_only_when_the_config_says_so(untrained):
     assert {"bias_after", "output_conv"} <= set(fast.forms(model).values())
     assert quick["test/iw_nll_k4"] == pytest.approx(plain["test/iw_nll_k4"], rel=1e-5)
     assert quick["test/nelbo"] == pytest.approx(plain["test/nelbo"], rel=1e-5)
+
+
+def test_resume_command_names_the_checkpoint_folder_unless_it_is_the_default(tmp_path):
+    """`--resume` looks for a run under the default folder, so the printed command names any other."""
+    from pipelines import sync
+
+    assert sync.resume_command("abc") == "python -m pipelines.training --resume abc"
+    assert sync.resume_command("abc", "checkpoints") == "python -m pipelines.training --resume abc"
+    folder = tmp_path / "my runs"
+    assert sync.resume_command("abc", folder) == f"python -m pipelines.training --resume abc --checkpoint_dir '{folder}'"
+    assert sync.checkpoint_root(sync.run_folder(folder, "abc")) == folder

@@ -209,7 +209,8 @@ def test_a_killed_run_is_ended_by_the_next_start_and_resumes_into_the_same_run(o
                        **FAST_EVAL, figures=False, tracking_wait_s=10)
     run = client.get_run(run_id)
     assert out["run_id"] == run_id and run.info.status == "FINISHED"
-    assert "died" in run.data.tags["resumed_from"] and "--resume " + run_id in run.data.tags["resumed_from"]
+    assert "died" in run.data.tags["resumed_from"]
+    assert f"--resume {run_id} --checkpoint_dir {ckpt}" in run.data.tags["resumed_from"]
     assert run.data.tags["resumed_from"].startswith("FAILED")
     steps = [m.step for m in client.get_metric_history(run_id, "val/nelbo")]
     assert steps[-1] == done + 1 and len(steps) == len(set(steps)), steps
