@@ -72,6 +72,17 @@ def base_config(source: str, study_name: str | None, preset: str) -> tuple[dict[
     return registry.version_config(tracking.get_client(), champion), f"champion (version {champion.version})"
 
 
+def retraining_config(source: str, study_name: str | None, preset: str, overrides: dict[str, Any] | None,
+                      resume_run_id: str | None) -> tuple[dict[str, Any], str]:
+    """(config, where it came from): the base config with ``overrides``, or the resumed run's own
+    (what changed since the champion was decided when that run started)."""
+    if resume_run_id:
+        ckpt = (overrides or {}).get("checkpoint_dir") or build_config(preset)["checkpoint_dir"]
+        return tasks.resumed_config(resume_run_id, ckpt, overrides), f"run {resume_run_id}, resumed"
+    base, origin = base_config(source, study_name, preset)
+    return validate_config({**base, **(overrides or {})}).to_dict(), origin
+
+
 @task(name="score-champion-test", cache_policy=NO_CACHE, **tasks.RETRY)
 def score_champion_test(champion: dict[str, Any] | None, data_ref: dict[str, Any], challenger_config: dict[str, Any],
                         iw_k: int, eval_max_images: int) -> float | None:
@@ -160,6 +171,16 @@ def apply_decision(run: dict[str, Any], comparison: dict[str, Any] | None, test:
     return out
 
 
+def pending(run: dict[str, Any], champion: dict[str, Any] | None, origin: str, changes: list[str]) -> dict[str, Any]:
+    """The decision 'pending': the challenger trained but is not registered yet."""
+    reason = ("the challenger is not registered yet (the tracking server was away when training ended); "
+              "`.venv/bin/python -m pipelines.sync` registers it, then rerun to decide")
+    print(reason)
+    return {**dict.fromkeys(JSON_KEYS), "decision": "pending", "reason": reason, "run_id": run["run_id"],
+            "champion_version": champion["version"] if champion else None, "source": origin,
+            "changes": changes, "decided_on": None}
+
+
 def unchanged(champion: dict[str, Any], origin: str, data_digest: str, code_version: str) -> dict[str, Any]:
     """The flow's result when nothing changed since the champion: nothing trained, nothing registered."""
     reason = (f"nothing changed since the champion (version {champion['version']}): same data ({data_digest[:12]}), "
@@ -179,7 +200,8 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
                    preset: str = "small", overrides: dict[str, Any] | None = None, iw_k: int = DEFAULT_IW_K,
                    eval_max_images: int = 0, eval_max_train_images: int = 0, eval_probe: bool = True,
                    eval_fid: bool = True, figures: bool = True, val_compare_images: int = 0,
-                   force: bool = False, tracking_wait_s: float = TRACKING_WAIT_S) -> dict[str, Any]:
+                   force: bool = False, resume_run_id: str | None = None,
+                   tracking_wait_s: float = TRACKING_WAIT_S) -> dict[str, Any]:
     """Retrain from the champion's (or the best trial's) config when something changed; promote
     only a model better on validation images by more than noise explains.
 
@@ -191,6 +213,9 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
             ``vae-training``; ``iw_k`` is also the k of the validation comparison.
         val_compare_images: compare on the first N held-out validation images (0 = all).
         force: retrain even when nothing changed since the champion.
+        resume_run_id: finish this stopped (or failed) challenger run from its ``last.pth``, with
+            its stored config (``overrides`` may change what ``vae-training``'s resume allows, and
+            must name its ``checkpoint_dir`` if that is not the preset's), then decide as usual.
         tracking_wait_s: as in ``vae-training``: how long the end of training waits for a tracking
             server that is away before the challenger is left for ``pipelines.sync`` (decision 'pending').
     Returns:
@@ -203,26 +228,21 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
         raise ConfigError([f"overrides: must be a mapping of config keys to values, got {overrides!r}"])
     check_eval_options(iw_k, eval_max_images, eval_max_train_images)
     check_val_compare_images(val_compare_images)
-    base, origin = base_config(source, study_name, preset)
-    config = validate_config({**base, **(overrides or {})}).to_dict()
+    config, origin = retraining_config(source, study_name, preset, overrides, resume_run_id)
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
     champion, code = promotion.load_champion(), tracking.git_commit()
     changes = promotion.what_changed(champion, config, data_ref["digest"], code)
-    if not changes and not force:
+    if not changes and not force and not resume_run_id:
         out = unchanged(champion, origin, data_ref["digest"], code)
         print(out["reason"])
         return Completed(message=out["reason"], data=out)  # the run's state says why it did nothing
     print(f"retraining from the {origin}; changed since the champion: {'; '.join(changes) or 'nothing (forced)'}")
     run = vae_training(preset=preset, overrides=config, iw_k=iw_k, eval_max_images=eval_max_images,
                        eval_max_train_images=eval_max_train_images, eval_probe=eval_probe, eval_fid=eval_fid,
-                       figures=figures, run_kind="retraining", tracking_wait_s=tracking_wait_s)
+                       figures=figures, run_kind="retraining", resume_run_id=resume_run_id,
+                       tracking_wait_s=tracking_wait_s)
     if run["model_version"] is None:  # the tracking server was away at the end: nothing to promote yet
-        reason = ("the challenger is not registered yet (the tracking server was away when training ended); "
-                  "`.venv/bin/python -m pipelines.sync` registers it, then rerun to decide")
-        print(reason)
-        return {**dict.fromkeys(JSON_KEYS), "decision": "pending", "reason": reason, "run_id": run["run_id"],
-                "champion_version": champion["version"] if champion else None, "source": origin,
-                "changes": changes, "decided_on": None}
+        return pending(run, champion, origin, changes)
     comparison = promotion.compare_on_validation(champion, run["best_model_path"], config, data_ref, iw_k,
                                                  val_compare_images)
     promote, reason = promotion.decide(comparison)
@@ -245,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_compare_images", type=int, default=0,
                    help="compare champion and challenger on the first N held-out validation images (0 = all)")
     p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the champion")
+    p.add_argument("--resume", metavar="RUN_ID", default=None,
+                   help="finish this stopped or failed challenger run from its last.pth, then decide")
+    p.add_argument("--checkpoint_dir", default=None, help="with --resume: the folder the run trained under "
+                                                          "(default: the preset's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for scripts) instead of a summary")
     return p
 
@@ -280,15 +304,23 @@ def summary_text(out: dict[str, Any]) -> str:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {"num_epochs": args.num_epochs} if args.num_epochs is not None else None
+    given = {"num_epochs": args.num_epochs, "checkpoint_dir": args.checkpoint_dir}
+    overrides = {k: v for k, v in given.items() if v is not None} or None
+    if args.checkpoint_dir is not None and not args.resume:
+        raise ConfigError(["--checkpoint_dir: only with --resume (a new run trains under its base config's folder)"])
     check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
     check_val_compare_images(args.val_compare_images)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
-    base, _ = base_config.fn(args.source, args.study_name, "small")
-    check_inputs(validate_config({**base, **(overrides or {})}).to_dict())
+    if args.resume:  # the run's stored config (a bad id or folder: one line, before any flow starts)
+        config = tasks.resumed_config(args.resume, args.checkpoint_dir or build_config("small")["checkpoint_dir"],
+                                      overrides)
+    else:
+        config = validate_config({**base_config.fn(args.source, args.study_name, "small")[0], **(overrides or {})})
+        config = config.to_dict()
+    check_inputs(config)
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
                          eval_max_images=args.eval_max_images, eval_max_train_images=args.eval_max_train_images,
-                         val_compare_images=args.val_compare_images, force=args.force)
+                         val_compare_images=args.val_compare_images, force=args.force, resume_run_id=args.resume)
     if args.json:
         print(console.dumps({k: out[k] for k in JSON_KEYS}))
     else:

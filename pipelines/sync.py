@@ -45,10 +45,12 @@ def checkpoint_root(folder: str | Path) -> Path:
     return Path(folder).parents[1]
 
 
-def resume_command(run_id: str, checkpoint_dir: str | Path | None = None) -> str:
-    """The command that continues pipeline run ``run_id``; it names ``--checkpoint_dir`` when the
-    run's checkpoints are not under the default folder (``resume`` looks for them there)."""
-    command = f"python -m pipelines.training --resume {run_id}"
+def resume_command(run_id: str, checkpoint_dir: str | Path | None = None, run_kind: str | None = None) -> str:
+    """The command that continues pipeline run ``run_id``: ``pipelines.retraining`` for a
+    retraining's challenger (it decides the promotion after), else ``pipelines.training``; it names
+    ``--checkpoint_dir`` when the run's checkpoints are not under the default folder."""
+    module = "pipelines.retraining" if run_kind == "retraining" else "pipelines.training"
+    command = f"python -m {module} --resume {run_id}"
     if checkpoint_dir is not None and Path(checkpoint_dir) != Path(get_default_config()["checkpoint_dir"]):
         command += f" --checkpoint_dir {shlex.quote(str(checkpoint_dir))}"
     return command
@@ -103,10 +105,10 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
             tracking.deliver_pending(client, tracking.Outbox(folder, run.info.run_id), HANDLERS)
         if client.get_run(run.info.run_id).info.status != "RUNNING":
             continue  # its outbox ended it (the flow had finished; only the server was away)
-        pid = run.data.tags[tracking.TAG_PROCESS_PID]
+        pid, kind = run.data.tags[tracking.TAG_PROCESS_PID], run.data.tags.get(tracking.TAG_RUN_KIND)
         client.set_tag(run.info.run_id, tracking.TAG_FAILURE_REASON,
                        f"its process (pid {pid}) died without ending it; continue it with: "
-                       f"{resume_command(run.info.run_id, checkpoint_root(folder) if folder else None)}")
+                       f"{resume_command(run.info.run_id, checkpoint_root(folder) if folder else None, kind)}")
         client.set_terminated(run.info.run_id, status="FAILED")
         ended.append(run.info.run_id)
     return ended

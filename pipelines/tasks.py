@@ -274,11 +274,12 @@ def finish_run(run_id: str, checkpoint_dir: str, status: str = "FINISHED", reaso
 
 
 @task(name="train", cache_policy=NO_CACHE, **RETRY)
-def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict[str, Any]:
+def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str, resume_command: str) -> dict[str, Any]:
     """Train with per-epoch metrics and the checkpoints logged to the run.
 
     The run folder is ``<checkpoint_dir>/<experiment>/``, chosen per run by the flow; a retry
-    after an I/O error resumes from its ``last.pth`` exactly.
+    after an I/O error resumes from its ``last.pth`` exactly. A stop request raises
+    :class:`TrainingStopped`, whose message ends with ``resume_command``.
     """
     cfg = validate_config(config)
     last = Path(cfg.run.checkpoint_dir) / cfg.run.experiment_name / "last.pth"
@@ -289,8 +290,7 @@ def train(config: dict[str, Any], data_ref: dict[str, Any], run_id: str) -> dict
     result = trainer.train()
     if result["stop_reason"] is not None:  # also a signal after the last step: stop before scoring
         raise TrainingStopped(f"training stopped ({result['stop_reason']}) after {result['epochs_completed']} of "
-                              f"{cfg.train.num_epochs} epochs; continue it with: "
-                              f"{sync.resume_command(run_id, sync.checkpoint_root(cfg.run.checkpoint_dir))}")
+                              f"{cfg.train.num_epochs} epochs; continue it with: {resume_command}")
     return {k: result[k] for k in ("status", "stop_reason", "run_dir", "epochs_completed", "best_val_nelbo",
                                    "best_model_path", "final_metrics", "history")}
 

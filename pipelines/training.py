@@ -100,14 +100,15 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
     run = (tasks.reopen_run(resume_run_id) if resume_run_id else
            tasks.start_run(config, data_ref, run_kind, flow_run.get_id()))
     run_id, ckpt = run["run_id"], config["checkpoint_dir"]
+    resume = sync.resume_command(run_id, ckpt, run_kind)
     # One run folder per MLflow run: the trainer refuses to overwrite another run's checkpoints.
     train_config = {**config, "checkpoint_dir": str(sync.run_folder(ckpt, run_id))}
     try:
         tasks.tag_run(run_id, ckpt, {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
-        result = tasks.train(train_config, data_ref, run_id)
+        result = tasks.train(train_config, data_ref, run_id, resume)
         best = result["best_model_path"]
-        with tasks.stop_on_signals("scoring the trained model", "nothing was registered; score and register it "
-                                   f"with: {sync.resume_command(run_id, ckpt)}"):
+        with tasks.stop_on_signals("scoring the trained model", f"nothing was registered; score and register it "
+                                   f"with: {resume}"):
             metrics = tasks.evaluate(best, config, data_ref, run_id, k=iw_k, max_test_images=eval_max_images,
                                      max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
             figures = tasks.figures(best, config, data_ref, run_id, result["history"]) if write_figures else {}
@@ -120,9 +121,9 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
             print(f"MLflow run {run_id}: {e}")
             tasks.finish_run(run_id, ckpt, "KILLED", str(e), tracking_wait_s)
             raise
-        print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {sync.resume_command(run_id, ckpt)}")
-        tasks.finish_run(run_id, ckpt, "FAILED", f"{type(e).__name__}: {e} (continue it with: "
-                         f"{sync.resume_command(run_id, ckpt)})", tracking_wait_s)
+        print(f"MLflow run {run_id} failed; continue it from its last checkpoint with: {resume}")
+        tasks.finish_run(run_id, ckpt, "FAILED", f"{type(e).__name__}: {e} (continue it with: {resume})",
+                         tracking_wait_s)
         raise
     pending = tasks.finish_run(run_id, ckpt, "FINISHED", None, tracking_wait_s)
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),

@@ -135,3 +135,14 @@ def test_cli_output_is_strict_json_and_a_summary_that_names_the_rule(outcomes):
     assert "IW bound, k=8, first 100 test images" in text and "nats per image" in text
     kept = summary_text(outcomes[3][0])
     assert "champion was: version 2" in kept and "paired SE" in kept and "the test set is never used" in kept
+
+
+def test_retraining_resume_flags_are_checked_in_one_line_before_any_flow(mlflow_store, capsys, tmp_path):
+    from pipelines.retraining import _main
+    from vae.cli import run_cli
+
+    assert run_cli(_main, ["--checkpoint_dir", str(tmp_path)]) == 2
+    assert "--checkpoint_dir: only with --resume" in capsys.readouterr().err
+    assert run_cli(_main, ["--resume", "abc123", "--checkpoint_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log of creating the store
+    assert err.startswith("error: cannot resume run abc123: no ") and "--checkpoint_dir" in err, err

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import PYTHON, cli_env, tally, wait_for
+from tests.reliability.conftest import FAST_EVAL, PYTHON, cli_env, tally, wait_for
 
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "val_size": 100, "progress": False,
         "sample_every": 0, "ema_decay": 0.9, "log_every": 5, "max_train_samples": 0}
-FAST_EVAL = {"iw_k": 4, "eval_max_images": 50, "eval_probe": False, "eval_fid": False}
 
 
 def _sweep_flags(data_dir: Path, study: str, epochs: int) -> list[str]:

@@ -19,12 +19,11 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import PYTHON, ROOT, assert_one_line_error, call_cli, cli_env, tally, wait_for
+from tests.reliability.conftest import FAST_EVAL, PYTHON, ROOT, assert_one_line_error, call_cli, cli_env, tally, wait_for
 from tests.reliability.faultproxy import FaultProxy, free_port, health_answers, start_mlflow_server, stop_process_group
 
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "val_size": 100, "max_train_samples": 0,
         "progress": False, "sample_every": 0, "ema_decay": 0.9, "learning_rate": 3e-3, "log_every": 5}
-FAST_EVAL = {"iw_k": 4, "eval_max_images": 50, "eval_probe": False, "eval_fid": False}
 
 
 @pytest.fixture(scope="module")
