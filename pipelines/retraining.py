@@ -15,6 +15,9 @@
 5. The decision, both validation and test figures, the difference, its SE and the reason are tags
    on the challenger's run and model version, and a Prefect markdown artifact. No version is
    ever deleted.
+
+A challenger run that was stopped (SIGTERM) or failed prints ``python -m pipelines.retraining
+--resume RUN_ID``: that finishes the run from its ``last.pth``, then takes steps 4 and 5.
 """
 
 from __future__ import annotations

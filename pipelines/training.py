@@ -107,8 +107,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         tasks.tag_run(run_id, ckpt, {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
         result = tasks.train(train_config, data_ref, run_id, resume)
         best = result["best_model_path"]
-        with tasks.stop_on_signals("scoring the trained model", f"nothing was registered; score and register it "
-                                   f"with: {resume}"):
+        with tasks.stop_on_signals("scoring the trained model",
+                                   f"nothing was registered; score and register it with: {resume}"):
             metrics = tasks.evaluate(best, config, data_ref, run_id, k=iw_k, max_test_images=eval_max_images,
                                      max_train_images=eval_max_train_images, probe=eval_probe, fid=eval_fid)
             figures = tasks.figures(best, config, data_ref, run_id, result["history"]) if write_figures else {}
