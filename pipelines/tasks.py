@@ -24,15 +24,14 @@ tracking server, and what the server missed is delivered when it is back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from mlflow.exceptions import MlflowException
@@ -45,6 +44,7 @@ import tracking
 from pipelines import registry, sync
 from tracking.outbox import FINAL_ERRORS, short_http_requests
 from vae import fast, settings
+from vae.callbacks import on_signals
 from vae.checkpoint import load_model
 from vae.config import Config, flatten_params, validate_config
 from vae.data import FILES, ImageData, load_dataset
@@ -156,24 +156,14 @@ class EvaluationStopped(Interrupted):
     run ``KILLED`` and registers nothing; ``--resume`` finds its training complete and scores it."""
 
 
-@contextmanager
-def stop_on_signals(what: str, then: str) -> Iterator[None]:
+def stop_on_signals(what: str, then: str) -> contextlib.AbstractContextManager[None]:
     """While the block runs, SIGTERM and SIGINT raise :class:`EvaluationStopped` ("``what`` stopped
-    (SIGTERM); ``then``") where the main thread is; elsewhere (a deployment's worker thread) nothing
-    changes, as only the main thread gets signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    (SIGTERM); ``then``") in the main thread; in a deployment's worker thread nothing changes."""
 
-    def handler(signum, _frame):
-        raise EvaluationStopped(f"{what} stopped ({signal.Signals(signum).name}); {then}")
+    def handler(sig: signal.Signals) -> None:
+        raise EvaluationStopped(f"{what} stopped ({sig.name}); {then}")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return on_signals(handler)
 
 
 class ResumeError(UserError, ValueError):

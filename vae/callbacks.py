@@ -1,20 +1,22 @@
 """How code outside the trainer observes and stops it: the :class:`Callback` hooks, and signals.
 
 Trackers and tuners subclass :class:`Callback` (``tracking.MLflowCallback``, the sweep's pruning
-callback); :func:`stop_on_signals` turns SIGINT/SIGTERM into the same clean stop.
+callback); :func:`stop_on_signals` turns SIGINT/SIGTERM into the same clean stop, through
+:func:`on_signals` (which the pipelines use too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 Trainer = Any  # a vae.train.VAETrainer (which imports this module, so it is not imported here)
 
-__all__ = ["Callback", "stop_on_signals"]
+__all__ = ["Callback", "on_signals", "stop_on_signals"]
 
 
 class Callback:
@@ -34,22 +36,29 @@ class Callback:
 
 
 @contextmanager
-def stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """While the block runs, SIGINT/SIGTERM call ``trainer.request_stop``: the trainer finishes the
-    step, saves and returns. A second Ctrl-C interrupts at once. Only the main thread gets signals,
-    so elsewhere (a Prefect task thread) this does nothing."""
+def on_signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM call ``handler(signal)``; the previous handlers come
+    back after it. Only the main thread gets signals, so elsewhere (a Prefect task thread) this
+    does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, _frame):
-        if trainer.stop_reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.request_stop(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, _frame: handler(signal.Signals(signum)))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def stop_on_signals(trainer: Trainer) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGINT/SIGTERM call ``trainer.request_stop``: the trainer finishes the
+    step, saves and returns. A second Ctrl-C interrupts at once (main thread only: :func:`on_signals`)."""
+
+    def handler(sig: signal.Signals) -> None:
+        if trainer.stop_reason is not None and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(sig.name)
+
+    return on_signals(handler)

@@ -6,8 +6,42 @@ command and exits 130; that command then finishes the run into the same MLflow r
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 from tests.reliability.conftest import FAST_EVAL, PYTHON, TINY_FLOW, cli_flags, tally, wait_for
+
+
+def _start(procs, module: str, args: list[str], mlflow_store: Path, **env: str):
+    """The pipeline command ``python -m module args`` on this session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return procs.start([PYTHON, "-m", module, *args], env={
+        **procs.env, "VAE_MLRUNS_DIR": str(mlflow_store), "PREFECT_API_URL": str(PREFECT_API_URL.value()), **env})
+
+
+def _stop(proc, until, runs: Path) -> tuple[str, Path, str]:
+    """SIGTERM once ``until()``; returns (run id, its last.pth, the last line of stderr) after
+    checking exit code 130, a `stopped:` last line and no traceback."""
+    assert wait_for(until, timeout=180, proc=proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)  # the CLI's own process
+    tally("faults")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    (last,) = runs.glob("pipeline/*/*/last.pth")
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("stopped: "), err[-2000:]
+    return last.parent.parent.name, last, last_line
+
+
+def _killed_with_nothing_registered(client, run_id: str) -> None:
+    import tracking
+
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags[tracking.TAG_FAILURE_REASON]
+    assert not [k for k in run.data.metrics if k.startswith("test/")], run.data.metrics
+    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    assert client.search_registered_models() == []  # so no alias either: nothing promoted
 
 
 def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_finishes_it(
@@ -15,8 +49,6 @@ def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_fini
     """`vae-pipeline` on SIGTERM: the step finishes, `last.pth` is saved, the MLflow run ends KILLED
     with how to continue, the partial model is neither scored nor registered, exit 130 with one
     line; `--resume RUN_ID` then trains the rest into the same run and registers it."""
-    from prefect.settings import PREFECT_API_URL
-
     import tracking
     from pipelines.training import vae_training
     from vae.checkpoint import load_checkpoint
@@ -24,26 +56,13 @@ def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_fini
     ckpt = tmp_path / "ck"
     flags = cli_flags({**TINY_FLOW, "num_epochs": 500, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
                        "experiment_name": "rel-sigterm", "iw_k": 4, "eval_max_images": 50})
-    proc = procs.start([PYTHON, "-m", "pipelines.training", "--preset", "small", *flags],
-                       env={**procs.env, "VAE_MLRUNS_DIR": str(mlflow_store),
-                            "PREFECT_API_URL": str(PREFECT_API_URL.value())})
-    found = wait_for(lambda: list(ckpt.glob("pipeline/*/rel-sigterm/last.pth")), timeout=120, proc=proc)
-    assert found, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)  # the CLI's own process, as `kill PID` or a scheduler sends it
-    tally("faults")
-    out, err = proc.communicate(timeout=120)
-    (last,) = ckpt.glob("pipeline/*/rel-sigterm/last.pth")
-    run_id, done = last.parent.parent.name, load_checkpoint(last)["epoch"]
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("stopped: training stopped (SIGTERM) after "), err[-2000:]
+    proc = _start(procs, "pipelines.training", ["--preset", "small", *flags], mlflow_store)
+    run_id, last, last_line = _stop(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
+    assert last_line.startswith("stopped: training stopped (SIGTERM) after "), last_line
     assert f"--resume {run_id} --checkpoint_dir {ckpt}" in last_line, last_line  # not the default folder
-    assert "Traceback" not in out + err, err[-3000:]
     client = tracking.get_client()
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags[tracking.TAG_FAILURE_REASON]
-    assert not [k for k in run.data.metrics if k.startswith("test/")], run.data.metrics
-    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    _killed_with_nothing_registered(client, run_id)
+    done = load_checkpoint(last)["epoch"]
     assert 1 <= done < 500
 
     out = vae_training(resume_run_id=run_id, num_epochs=done + 1, overrides={"checkpoint_dir": str(ckpt)},
@@ -69,8 +88,6 @@ def test_sigterm_while_scoring_ends_the_run_killed_unregistered_and_resume_score
         prefect_harness, mlflow_store, procs, tiny_data_dir, tmp_path):
     """SIGTERM after training, during the evaluation: the run ends KILLED with no test metrics and
     no model version, exit 130 with one line; `--resume` finds training complete and scores it."""
-    from prefect.settings import PREFECT_API_URL
-
     import tracking
     from pipelines.training import vae_training
     from vae.checkpoint import load_checkpoint
@@ -78,25 +95,13 @@ def test_sigterm_while_scoring_ends_the_run_killed_unregistered_and_resume_score
     ckpt = tmp_path / "ck"  # an evaluation that takes minutes: k = 20,000 samples per image
     flags = cli_flags({**TINY_FLOW, "num_epochs": 1, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
                        "experiment_name": "rel-sigterm-eval", "iw_k": 20000, "eval_max_images": 200})
-    proc = procs.start([PYTHON, "-m", "pipelines.training", "--preset", "small", *flags],
-                       env={**procs.env, "VAE_MLRUNS_DIR": str(mlflow_store),
-                            "PREFECT_API_URL": str(PREFECT_API_URL.value())})
-    assert wait_for(lambda: _task_running("evaluate"), timeout=180, proc=proc), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    tally("faults")
-    out, err = proc.communicate(timeout=60)
-    (last,) = ckpt.glob("pipeline/*/rel-sigterm-eval/last.pth")
-    run_id = last.parent.parent.name
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    last_line = err.strip().splitlines()[-1]
+    proc = _start(procs, "pipelines.training", ["--preset", "small", *flags], mlflow_store)
+    run_id, last, last_line = _stop(proc, lambda: _task_running("evaluate"), ckpt)
     assert last_line.startswith("stopped: scoring the trained model stopped (SIGTERM); nothing was registered"), \
-        err[-2000:]
-    assert f"--resume {run_id} --checkpoint_dir {ckpt}" in last_line and "Traceback" not in out + err, err[-3000:]
+        last_line
+    assert f"--resume {run_id} --checkpoint_dir {ckpt}" in last_line, last_line
     client = tracking.get_client()
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags[tracking.TAG_FAILURE_REASON]
-    assert not [k for k in run.data.metrics if k.startswith("test/")], run.data.metrics
-    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
+    _killed_with_nothing_registered(client, run_id)
     assert load_checkpoint(last)["epoch"] == 1  # training had finished
 
     out = vae_training(resume_run_id=run_id, overrides={"checkpoint_dir": str(ckpt)}, **FAST_EVAL, figures=False,
@@ -113,37 +118,21 @@ def test_sigterm_stops_a_nightly_retraining_unpromoted_and_its_resume_decides(
     """`python -m pipelines.retraining` (what the nightly deployment runs) on SIGTERM: the
     challenger's run ends KILLED, nothing is registered or promoted, exit 130 with one line naming
     `pipelines.retraining --resume RUN_ID`, which finishes the run and then decides."""
-    from prefect.settings import PREFECT_API_URL
-
     import tracking
     from pipelines.retraining import vae_retraining
     from tests.conftest import write_idx_dataset
     from vae.checkpoint import load_checkpoint
 
     data_dir = write_idx_dataset(tmp_path / "data", n_train=1100)  # the small preset holds out 1,000
-
-    proc = procs.start([PYTHON, "-m", "pipelines.retraining", "--num_epochs", "500", "--iw_k", "4",
-                        "--eval_max_images", "50"],
-                       env={**procs.env, "VAE_MLRUNS_DIR": str(mlflow_store), "VAE_DATA_DIR": str(data_dir),
-                            "PREFECT_API_URL": str(PREFECT_API_URL.value())})
+    proc = _start(procs, "pipelines.retraining", ["--num_epochs", "500", "--iw_k", "4", "--eval_max_images", "50"],
+                  mlflow_store, VAE_DATA_DIR=str(data_dir))
     ckpt = tmp_path / "checkpoints"  # the preset's folder, in the process's working directory
-    found = wait_for(lambda: list(ckpt.glob("pipeline/*/*/last.pth")), timeout=180, proc=proc)
-    assert found, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    tally("faults")
-    out, err = proc.communicate(timeout=120)
-    (last,) = ckpt.glob("pipeline/*/*/last.pth")
-    run_id = last.parent.parent.name
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("stopped: training stopped (SIGTERM) after "), err[-2000:]
+    run_id, last, last_line = _stop(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
+    assert last_line.startswith("stopped: training stopped (SIGTERM) after "), last_line
     assert last_line.endswith(f"continue it with: python -m pipelines.retraining --resume {run_id}"), last_line
-    assert "Traceback" not in out + err, err[-3000:]
     client = tracking.get_client()
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED" and run.data.tags[tracking.TAG_RUN_KIND] == "retraining", run.data.tags
-    assert client.search_model_versions(f"name='{tracking.MODEL_NAME}'") == []
-    assert client.search_registered_models() == []  # so no alias either: nothing was promoted
+    _killed_with_nothing_registered(client, run_id)
+    assert client.get_run(run_id).data.tags[tracking.TAG_RUN_KIND] == "retraining"
 
     done = load_checkpoint(last)["epoch"]
     out = vae_retraining(resume_run_id=run_id, overrides={"num_epochs": done + 1, "checkpoint_dir": str(ckpt),
@@ -153,6 +142,5 @@ def test_sigterm_stops_a_nightly_retraining_unpromoted_and_its_resume_decides(
     assert out["run_id"] == run_id and run.info.status == "FINISHED"
     assert run.data.tags["resumed_from"].startswith("KILLED: ")
     assert out["decision"] == "promoted" and out["champion_version"] == out["challenger_version"]  # the first model
-    champion = client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION)
-    assert champion.run_id == run_id
+    assert client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHAMPION).run_id == run_id
     tally("runs_checked")
