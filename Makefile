@@ -31,10 +31,10 @@ install: $(VENV)/.installed  ## create .venv and install the project with its de
 demo: install  ## the main job: the training pipeline (train, evaluate, samples, register) on defaults
 	$(PY) -m pipelines.demo
 
-# The suite waits on subprocesses and servers much of the time: on the 2-core Zen 4 machine three
-# workers (one test file each at a time) took it to 8 min 50 s, two to 10 min 1 s, one process to
-# ~13 min. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 3
+# The suite waits on subprocesses and servers much of the time, so on 2 cores four workers (one
+# test file each at a time, the files with slow tests first) finish soonest: docs/testing.md has
+# the figures. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 4
 test: install  ## the whole test suite (tiny models and data; a few tests read the real MNIST)
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
