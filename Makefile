@@ -32,8 +32,8 @@ demo: install  ## the main job: the training pipeline (train, evaluate, samples,
 	$(PY) -m pipelines.demo
 
 # The suite waits on subprocesses and servers much of the time, so on 2 cores four workers (one
-# test file each at a time, the files with slow tests first) finish soonest: docs/testing.md has
-# the figures. TEST_WORKERS=0 runs it in one process.
+# test file each at a time) finished soonest: docs/testing.md has the figures. TEST_WORKERS=0
+# runs it in one process.
 TEST_WORKERS ?= 4
 test: install  ## the whole test suite (tiny models and data; a few tests read the real MNIST)
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)

@@ -39,14 +39,6 @@ FILES = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
-    """The files that hold ``slow`` tests first, each in its usual order, then the rest. pytest-xdist
-    hands out whole files (``make test``'s ``--dist loadfile``), so the minutes-long ones start at
-    once and short files fill the end; in path order a 6-minute file started halfway through."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # a stable sort: the order within each part is kept
-
-
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n 28x28 uint8 images with labels 0-9: a bright bar whose position and angle encode the
     label, plus noise. Structured enough for a VAE's loss to fall within a few steps."""
