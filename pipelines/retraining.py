@@ -80,8 +80,7 @@ def retraining_config(source: str, study_name: str | None, preset: str, override
     """(config, where it came from): the base config with ``overrides``, or the resumed run's own
     (what changed since the champion was decided when that run started)."""
     if resume_run_id:
-        ckpt = (overrides or {}).get("checkpoint_dir") or build_config(preset)["checkpoint_dir"]
-        return tasks.resumed_config(resume_run_id, ckpt, overrides), f"run {resume_run_id}, resumed"
+        return tasks.resumed_config(resume_run_id, overrides), f"run {resume_run_id}, resumed"
     base, origin = base_config(source, study_name, preset)
     return validate_config({**base, **(overrides or {})}).to_dict(), origin
 
@@ -218,7 +217,7 @@ def vae_retraining(source: Literal["champion", "best_trial"] = "champion", study
         force: retrain even when nothing changed since the champion.
         resume_run_id: finish this stopped (or failed) challenger run from its ``last.pth``, with
             its stored config (``overrides`` may change what ``vae-training``'s resume allows, and
-            must name its ``checkpoint_dir`` if that is not the preset's), then decide as usual.
+            must name its ``checkpoint_dir`` if that is not ``checkpoints``), then decide as usual.
         tracking_wait_s: as in ``vae-training``: how long the end of training waits for a tracking
             server that is away before the challenger is left for ``pipelines.sync`` (decision 'pending').
     Returns:
@@ -271,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", default=None,
                    help="finish this stopped or failed challenger run from its last.pth, then decide")
     p.add_argument("--checkpoint_dir", default=None, help="with --resume: the folder the run trained under "
-                                                          "(default: the preset's)")
+                                                          "(default: checkpoints)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for scripts) instead of a summary")
     return p
 
@@ -315,11 +314,10 @@ def _main(argv=None) -> int:
     check_val_compare_images(args.val_compare_images)
     tracking.get_client()  # an unreachable tracking server: one line before any flow run starts
     if args.resume:  # the run's stored config (a bad id or folder: one line, before any flow starts)
-        config = tasks.resumed_config(args.resume, args.checkpoint_dir or build_config("small")["checkpoint_dir"],
-                                      overrides)
+        config = tasks.resumed_config(args.resume, overrides)
     else:
-        config = validate_config({**base_config.fn(args.source, args.study_name, "small")[0], **(overrides or {})})
-        config = config.to_dict()
+        base, _ = base_config.fn(args.source, args.study_name, "small")
+        config = validate_config({**base, **(overrides or {})}).to_dict()
     check_inputs(config)
     out = vae_retraining(source=args.source, study_name=args.study_name, overrides=overrides, iw_k=args.iw_k,
                          eval_max_images=args.eval_max_images, eval_max_train_images=args.eval_max_train_images,

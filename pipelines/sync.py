@@ -30,7 +30,7 @@ from tracking.outbox import OUTBOX_FILE
 from vae.cli import run_cli
 from vae.config import get_default_config
 
-__all__ = ["HANDLERS", "catch_up", "checkpoint_root", "deliver_all", "end_dead_runs", "resume_command", "run_folder"]
+__all__ = ["HANDLERS", "catch_up", "checkpoint_root", "default_checkpoint_dir", "deliver_all", "end_dead_runs", "resume_command", "run_folder"]
 
 PIPELINE_DIR = "pipeline"  # <checkpoint_dir>/pipeline/<run id>/: one folder per MLflow run
 
@@ -45,13 +45,18 @@ def checkpoint_root(folder: str | Path) -> Path:
     return Path(folder).parents[1]
 
 
+def default_checkpoint_dir() -> Path:
+    """The folder ``--resume`` looks in when none is named (every preset's ``checkpoint_dir``)."""
+    return Path(get_default_config()["checkpoint_dir"])
+
+
 def resume_command(run_id: str, checkpoint_dir: str | Path | None = None, run_kind: str | None = None) -> str:
     """The command that continues pipeline run ``run_id``: ``pipelines.retraining`` for a
     retraining's challenger (it decides the promotion after), else ``pipelines.training``; it names
     ``--checkpoint_dir`` when the run's checkpoints are not under the default folder."""
     module = "pipelines.retraining" if run_kind == "retraining" else "pipelines.training"
     command = f"python -m {module} --resume {run_id}"
-    if checkpoint_dir is not None and Path(checkpoint_dir) != Path(get_default_config()["checkpoint_dir"]):
+    if checkpoint_dir is not None and Path(checkpoint_dir) != default_checkpoint_dir():
         command += f" --checkpoint_dir {shlex.quote(str(checkpoint_dir))}"
     return command
 

@@ -170,13 +170,15 @@ class ResumeError(UserError, ValueError):
     """``--resume RUN_ID`` names a run that cannot be continued (unknown, running, no checkpoint)."""
 
 
-def resumed_config(run_id: str, checkpoint_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config of pipeline run ``run_id`` (its ``config.json`` under ``checkpoint_dir``), with the
-    ``overrides`` a resumed run may change (``num_epochs``, ``device``, ...) applied.
+def resumed_config(run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config of pipeline run ``run_id`` (its ``config.json`` under the ``checkpoint_dir`` of
+    ``overrides``, else :func:`pipelines.sync.default_checkpoint_dir`), with the ``overrides`` a
+    resumed run may change (``num_epochs``, ``device``, ...) applied.
 
     Raises:
         ResumeError: no checkpoint of that run is there.
     """
+    checkpoint_dir = str((overrides or {}).get("checkpoint_dir") or sync.default_checkpoint_dir())
     found = sorted(sync.run_folder(checkpoint_dir, run_id).glob("*/last.pth"))
     if not found:
         raise ResumeError(f"cannot resume run {run_id}: no {sync.run_folder(checkpoint_dir, run_id)}/<experiment>/"

@@ -161,8 +161,7 @@ def vae_training(preset: Preset = "small", overrides: dict[str, Any] | None = No
     """
     if resume_run_id:
         given = {**(overrides or {}), **{k: v for k, v in config.items() if v is not None}}
-        cfg = tasks.resumed_config(resume_run_id, given.get("checkpoint_dir") or PRESETS[preset]()["checkpoint_dir"],
-                                   given)
+        cfg = tasks.resumed_config(resume_run_id, given)
     else:
         cfg = build_config(preset, overrides, **config)
     return run_training(cfg, iw_k=iw_k, eval_max_images=eval_max_images,
@@ -197,8 +196,7 @@ def _main(argv=None) -> int:
     check_eval_options(args.iw_k, args.eval_max_images, args.eval_max_train_images)
     if args.resume:  # the run's stored config, with the flags a resumed run may change
         given = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and v is not None}
-        ckpt = given.get("checkpoint_dir") or PRESETS[args.preset]()["checkpoint_dir"]
-        config = tasks.resumed_config(args.resume, ckpt, given)
+        config = tasks.resumed_config(args.resume, given)
     else:
         config = config_from_args(args, PRESETS[args.preset]()).to_dict()
     check_inputs(config)
