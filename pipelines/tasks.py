@@ -189,11 +189,12 @@ def resumed_config(run_id: str, overrides: dict[str, Any] | None = None) -> dict
 
 
 @task(name="reopen-run", cache_policy=NO_CACHE, **RETRY)
-def reopen_run(run_id: str) -> dict[str, str]:
+def reopen_run(run_id: str, run_kind: str, checkpoint_dir: str) -> dict[str, str]:
     """Take up run ``run_id`` again (``RUNNING``, this process's tags); the flow continues it.
 
     Raises:
-        ResumeError: no such run, or its process is still running it.
+        ResumeError: no such run, its process is still running it, or the other flow must continue
+            it (a retraining's challenger is decided on after training; another run is not).
     """
     client = tracking.get_client()
     try:
@@ -205,6 +206,11 @@ def reopen_run(run_id: str) -> dict[str, str]:
         raise ResumeError(f"cannot resume run {run_id}: it is RUNNING in process "
                           f"{run.data.tags.get(tracking.TAG_PROCESS_PID, '?')} on "
                           f"{run.data.tags.get(tracking.TAG_PROCESS_HOST, '?')}")
+    kind = run.data.tags.get(tracking.TAG_RUN_KIND, "")
+    if (kind == "retraining") != (run_kind == "retraining"):
+        what = "a retraining's challenger" if kind == "retraining" else f"a {kind or 'pipeline'} run"
+        raise ResumeError(f"cannot resume run {run_id} here: it is {what}; continue it with: "
+                          f"{sync.resume_command(run_id, checkpoint_dir, kind)}")
     reason = run.data.tags.get(tracking.TAG_FAILURE_REASON)
     client.update_run(run_id, status="RUNNING")
     for key, value in {**tracking.process_tags(), "resumed_from": f"{run.info.status}: {reason or ''}"[:5000]}.items():

@@ -21,6 +21,7 @@ with the reason, by the next start (:mod:`pipelines.sync`).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import typing
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from prefect.runtime import flow_run
 
 import tracking
 from pipelines import console, sync, tasks
+from vae.callbacks import on_signals
 from vae.cli import dataclass_parameters, expand_kwargs, run_cli
 from vae.config import PRESETS, Config, ConfigError, add_config_arguments, config_from_args, validate_config
 from vae.data import read_raw_files
@@ -84,6 +86,14 @@ def check_inputs(config: dict[str, Any]) -> None:
     console.hide_user_error_tracebacks()
 
 
+def stopped_after_registering(sig: signal.Signals, run_id: str, run_kind: str, queued: bool) -> str:
+    """The line for a signal that came while the model was registered: it waited for the end."""
+    how = " (queued: python -m pipelines.sync delivers it)" if queued else ""
+    left = "; no promotion was decided: the champion is unchanged" if run_kind == "retraining" else ""
+    return (f"{sig.name} arrived while the model was registered, so the registration finished first{how}; "
+            f"MLflow run {run_id} is complete{left}")
+
+
 def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eval_max_train_images: int,
                  eval_probe: bool, eval_fid: bool, write_figures: bool, register: bool,
                  run_kind: str, resume_run_id: str | None = None,
@@ -97,12 +107,14 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
     check_eval_options(iw_k, eval_max_images, eval_max_train_images)
     data_ref = tasks.prepare_data(config["data_dir"], config["dataset"])
     tasks.catch_up(config["checkpoint_dir"], config["experiment_name"])
-    run = (tasks.reopen_run(resume_run_id) if resume_run_id else
+    ckpt = config["checkpoint_dir"]
+    run = (tasks.reopen_run(resume_run_id, run_kind, ckpt) if resume_run_id else
            tasks.start_run(config, data_ref, run_kind, flow_run.get_id()))
-    run_id, ckpt = run["run_id"], config["checkpoint_dir"]
+    run_id = run["run_id"]
     resume = sync.resume_command(run_id, ckpt, run_kind)
     # One run folder per MLflow run: the trainer refuses to overwrite another run's checkpoints.
     train_config = {**config, "checkpoint_dir": str(sync.run_folder(ckpt, run_id))}
+    stops: list[signal.Signals] = []
     try:
         tasks.tag_run(run_id, ckpt, {tracking.TAG_CHECKPOINT_DIR: train_config["checkpoint_dir"]})
         result = tasks.train(train_config, data_ref, run_id, resume)
@@ -115,7 +127,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
             tasks.summary(run, config, metrics, figures, likelihood_protocol(
                 config["reconstruction_loss_type"], config["binarize"], iw_k, eval_max_images))
         score = {tasks.score_key(iw_k): metrics[tasks.score_key(iw_k)]}
-        version = tasks.register(best, config, run_id, score, run_kind, tracking_wait_s) if register else None
+        with on_signals(stops.append):  # a registration is not cut in half: a signal waits for its end
+            version = tasks.register(best, config, run_id, score, run_kind, tracking_wait_s) if register else None
     except BaseException as e:
         if isinstance(e, Interrupted):  # on request: ended KILLED, nothing scored (or not all) or registered
             print(f"MLflow run {run_id}: {e}")
@@ -126,6 +139,8 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
                          tracking_wait_s)
         raise
     pending = tasks.finish_run(run_id, ckpt, "FINISHED", None, tracking_wait_s)
+    if stops:
+        raise Interrupted(stopped_after_registering(stops[0], run_id, run_kind, version is None))
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),
             "best_model_path": best, "data_digest": data_ref["digest"], "config": config,
             "final_metrics": result["final_metrics"], "tracking_pending": pending}

@@ -162,6 +162,40 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, proc: subprocess
     return False
 
 
+def start_pipeline(procs: Procs, module: str, args: list[str], **env: str) -> subprocess.Popen:
+    """The pipeline command ``python -m module args`` on this session's Prefect server, with ``env``
+    added (``VAE_MLRUNS_DIR`` or ``MLFLOW_TRACKING_URI``: where it tracks)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return procs.start([PYTHON, "-m", module, *args],
+                       env={**procs.env, "PREFECT_API_URL": str(PREFECT_API_URL.value()), **env})
+
+
+def stop_pipeline(proc, until, runs: Path) -> tuple[str, Path, str]:
+    """SIGTERM once ``until()``; returns (run id, its last.pth, the last line of stderr) after
+    checking exit code 130, a `stopped:` last line and no traceback."""
+    assert wait_for(until, timeout=180, proc=proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)  # the CLI's own process
+    tally("faults")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    (last,) = runs.glob("pipeline/*/*/last.pth")
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("stopped: "), err[-2000:]
+    return last.parent.parent.name, last, last_line
+
+
+def task_running(name: str) -> bool:
+    """True while a task run called ``name-...`` is Running on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"{name}-")))
+    return any(r.state is not None and r.state.is_running() for r in runs)
+
+
 def assert_one_line_error(stderr: str, *needles: str) -> str:
     """stderr is a single ``error: ...`` line (no traceback) containing every needle."""
     lines = [ln for ln in stderr.splitlines() if ln.strip()]

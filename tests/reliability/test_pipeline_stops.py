@@ -5,33 +5,10 @@ command and exits 130; that command then finishes the run into the same MLflow r
 
 from __future__ import annotations
 
-import signal
-from pathlib import Path
+import pytest
 
-from tests.reliability.conftest import FAST_EVAL, PYTHON, TINY_FLOW, cli_flags, tally, wait_for
-
-
-def _start(procs, module: str, args: list[str], mlflow_store: Path, **env: str):
-    """The pipeline command ``python -m module args`` on this session's Prefect server."""
-    from prefect.settings import PREFECT_API_URL
-
-    return procs.start([PYTHON, "-m", module, *args], env={
-        **procs.env, "VAE_MLRUNS_DIR": str(mlflow_store), "PREFECT_API_URL": str(PREFECT_API_URL.value()), **env})
-
-
-def _stop(proc, until, runs: Path) -> tuple[str, Path, str]:
-    """SIGTERM once ``until()``; returns (run id, its last.pth, the last line of stderr) after
-    checking exit code 130, a `stopped:` last line and no traceback."""
-    assert wait_for(until, timeout=180, proc=proc), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)  # the CLI's own process
-    tally("faults")
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    assert "Traceback" not in out + err, err[-3000:]
-    (last,) = runs.glob("pipeline/*/*/last.pth")
-    last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("stopped: "), err[-2000:]
-    return last.parent.parent.name, last, last_line
+from tests.reliability.conftest import (FAST_EVAL, TINY_FLOW, cli_flags, start_pipeline, stop_pipeline, tally,
+                                        task_running)
 
 
 def _killed_with_nothing_registered(client, run_id: str) -> None:
@@ -50,20 +27,26 @@ def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_fini
     with how to continue, the partial model is neither scored nor registered, exit 130 with one
     line; `--resume RUN_ID` then trains the rest into the same run and registers it."""
     import tracking
+    from pipelines.retraining import vae_retraining
+    from pipelines.tasks import ResumeError
     from pipelines.training import vae_training
     from vae.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ck"
     flags = cli_flags({**TINY_FLOW, "num_epochs": 500, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
                        "experiment_name": "rel-sigterm", "iw_k": 4, "eval_max_images": 50})
-    proc = _start(procs, "pipelines.training", ["--preset", "small", *flags], mlflow_store)
-    run_id, last, last_line = _stop(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
+    proc = start_pipeline(procs, "pipelines.training", ["--preset", "small", *flags], VAE_MLRUNS_DIR=str(mlflow_store))
+    run_id, last, last_line = stop_pipeline(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
     assert last_line.startswith("stopped: training stopped (SIGTERM) after "), last_line
     assert f"--resume {run_id} --checkpoint_dir {ckpt}" in last_line, last_line  # not the default folder
     client = tracking.get_client()
     _killed_with_nothing_registered(client, run_id)
     done = load_checkpoint(last)["epoch"]
     assert 1 <= done < 500
+    with pytest.raises(ResumeError, match=f"it is a training run; continue it with: python -m pipelines.training "
+                                          f"--resume {run_id} --checkpoint_dir "):
+        vae_retraining(resume_run_id=run_id, overrides={"checkpoint_dir": str(ckpt)}, **FAST_EVAL, figures=False)
+    assert client.get_run(run_id).info.status == "KILLED"  # untouched: not decided on as a challenger
 
     out = vae_training(resume_run_id=run_id, num_epochs=done + 1, overrides={"checkpoint_dir": str(ckpt)},
                        **FAST_EVAL, figures=False, tracking_wait_s=10)
@@ -72,16 +55,6 @@ def test_sigterm_stops_a_pipeline_run_killed_with_nothing_scored_and_resume_fini
     assert run.data.tags["resumed_from"].startswith("KILLED: ")
     assert "test/iw_nll_k4" in run.data.metrics and out["model_version"]
     tally("runs_checked")
-
-
-def _task_running(name: str) -> bool:
-    """True while a task run called ``name-...`` is Running on the Prefect server."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"{name}-")))
-    return any(r.state is not None and r.state.is_running() for r in runs)
 
 
 def test_sigterm_while_scoring_ends_the_run_killed_unregistered_and_resume_scores_it(
@@ -95,8 +68,8 @@ def test_sigterm_while_scoring_ends_the_run_killed_unregistered_and_resume_score
     ckpt = tmp_path / "ck"  # an evaluation that takes minutes: k = 20,000 samples per image
     flags = cli_flags({**TINY_FLOW, "num_epochs": 1, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
                        "experiment_name": "rel-sigterm-eval", "iw_k": 20000, "eval_max_images": 200})
-    proc = _start(procs, "pipelines.training", ["--preset", "small", *flags], mlflow_store)
-    run_id, last, last_line = _stop(proc, lambda: _task_running("evaluate"), ckpt)
+    proc = start_pipeline(procs, "pipelines.training", ["--preset", "small", *flags], VAE_MLRUNS_DIR=str(mlflow_store))
+    run_id, last, last_line = stop_pipeline(proc, lambda: task_running("evaluate"), ckpt)
     assert last_line.startswith("stopped: scoring the trained model stopped (SIGTERM); nothing was registered"), \
         last_line
     assert f"--resume {run_id} --checkpoint_dir {ckpt}" in last_line, last_line
@@ -120,14 +93,16 @@ def test_sigterm_stops_a_nightly_retraining_unpromoted_and_its_resume_decides(
     `pipelines.retraining --resume RUN_ID`, which finishes the run and then decides."""
     import tracking
     from pipelines.retraining import vae_retraining
+    from pipelines.tasks import ResumeError
+    from pipelines.training import vae_training
     from tests.conftest import write_idx_dataset
     from vae.checkpoint import load_checkpoint
 
     data_dir = write_idx_dataset(tmp_path / "data", n_train=1100)  # the small preset holds out 1,000
-    proc = _start(procs, "pipelines.retraining", ["--num_epochs", "500", "--iw_k", "4", "--eval_max_images", "50"],
-                  mlflow_store, VAE_DATA_DIR=str(data_dir))
+    proc = start_pipeline(procs, "pipelines.retraining", ["--num_epochs", "500", "--iw_k", "4", "--eval_max_images",
+                                                          "50"], VAE_MLRUNS_DIR=str(mlflow_store), VAE_DATA_DIR=str(data_dir))
     ckpt = tmp_path / "checkpoints"  # the preset's folder, in the process's working directory
-    run_id, last, last_line = _stop(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
+    run_id, last, last_line = stop_pipeline(proc, lambda: list(ckpt.glob("pipeline/*/*/last.pth")), ckpt)
     assert last_line.startswith("stopped: training stopped (SIGTERM) after "), last_line
     assert last_line.endswith(f"continue it with: python -m pipelines.retraining --resume {run_id}"), last_line
     client = tracking.get_client()
@@ -135,6 +110,11 @@ def test_sigterm_stops_a_nightly_retraining_unpromoted_and_its_resume_decides(
     assert client.get_run(run_id).data.tags[tracking.TAG_RUN_KIND] == "retraining"
 
     done = load_checkpoint(last)["epoch"]
+    with pytest.raises(ResumeError, match=f"it is a retraining's challenger; continue it with: "
+                                          f"python -m pipelines.retraining --resume {run_id}"):
+        vae_training(resume_run_id=run_id, overrides={"checkpoint_dir": str(ckpt), "data_dir": str(data_dir)},
+                     **FAST_EVAL, figures=False)
+    assert client.get_run(run_id).info.status == "KILLED"  # untouched: a challenger is decided on after training
     out = vae_retraining(resume_run_id=run_id, overrides={"num_epochs": done + 1, "checkpoint_dir": str(ckpt),
                                                           "data_dir": str(data_dir)},
                          iw_k=4, eval_max_images=50, eval_probe=False, eval_fid=False, figures=False)

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import FAST_EVAL, PYTHON, ROOT, assert_one_line_error, call_cli, cli_env, tally, wait_for
+from tests.reliability.conftest import (FAST_EVAL, PYTHON, ROOT, TINY_FLOW, assert_one_line_error, call_cli, cli_env,
+                                        cli_flags, start_pipeline, stop_pipeline, tally, task_running, wait_for)
 from tests.reliability.faultproxy import FaultProxy, free_port, health_answers, start_mlflow_server, stop_process_group
 
 TINY = {"hidden_dims": [8, 16], "latent_dim": 4, "batch_size": 50, "val_size": 100, "max_train_samples": 0,
@@ -118,6 +119,38 @@ def test_a_flow_ending_while_the_server_is_away_says_so_and_sync_delivers_the_re
     assert client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.CHALLENGER).version == version.version
     code, stdout, _ = call_cli(sync_cli, ["--checkpoint_dir", str(ckpt), "--experiment_name", "outbox-flow"], capsys)
     assert code == 0 and "nothing to deliver" in stdout  # and nothing twice
+    tally("runs_checked")
+
+
+def test_sigterm_while_the_model_is_registered_waits_for_the_registration_to_end(on_server, prefect_harness, procs,
+                                                                                 tiny_data_dir, tmp_path, capsys):
+    """SIGTERM during the registration (held here by the server being away, for ``--tracking_wait_s``):
+    it is not cut in half; it ends (queued), the run is complete, one `stopped:` line, exit 130;
+    `pipelines.sync` then registers the model once."""
+    import tracking
+    from pipelines.sync import cli as sync_cli
+
+    ckpt = tmp_path / "ck"
+    flags = cli_flags({**TINY_FLOW, "num_epochs": 1, "data_dir": str(tiny_data_dir), "checkpoint_dir": str(ckpt),
+                       "experiment_name": "outbox-stop-register", "iw_k": 4, "eval_max_images": 50,
+                       "tracking_wait_s": 8})
+    proc = start_pipeline(procs, "pipelines.training", ["--preset", "small", *flags],
+                          MLFLOW_TRACKING_URI=on_server.url)
+    assert wait_for(lambda: any((ckpt / "pipeline").glob("*/mlflow-outbox.jsonl")), timeout=180, proc=proc), \
+        proc.communicate()[1][-3000:]
+    on_server.cut(3600)  # from here on the run logs through its outbox; the registration waits for it
+    run_id, _, last_line = stop_pipeline(proc, lambda: task_running("register"), ckpt)
+    assert last_line == ("stopped: SIGTERM arrived while the model was registered, so the registration finished "
+                         f"first (queued: python -m pipelines.sync delivers it); MLflow run {run_id} is complete"), \
+        last_line
+    on_server.resume()
+    assert wait_for(lambda: health_answers(on_server.url), timeout=10)
+    code, stdout, err = call_cli(sync_cli, ["--checkpoint_dir", str(ckpt), "--experiment_name",
+                                            "outbox-stop-register"], capsys)
+    assert code == 0 and "delivered" in stdout, err[-3000:]
+    client = tracking.get_client()
+    assert client.get_run(run_id).info.status == "FINISHED" and "test/iw_nll_k4" in client.get_run(run_id).data.metrics
+    assert len(client.search_model_versions(f"run_id='{run_id}'")) == 1
     tally("runs_checked")
 
 
