@@ -2,7 +2,8 @@
 missed arrives once and in order when it is back, a flow that ends while it is away says so in one
 line and ``python -m pipelines.sync`` delivers the rest (model included), a hung server is detected
 in seconds, a run whose process was killed is ended by the next start and continues with
-``--resume RUN_ID`` into the same MLflow run.
+``--resume RUN_ID`` into the same MLflow run, and a SIGTERM while the model is registered (held by
+the server being away) waits for the registration to end.
 
 One ``mlflow server`` (SQLite) for the module, behind :class:`FaultProxy`: ``cut`` is the server
 down (connections refused), ``freeze`` a server that accepts connections and never answers.
