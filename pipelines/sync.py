@@ -50,12 +50,16 @@ def default_checkpoint_dir() -> Path:
     return Path(get_default_config()["checkpoint_dir"])
 
 
+def resuming_flow(run_kind: str | None) -> str:
+    """The module that continues a pipeline run of ``run_kind``: ``pipelines.retraining`` for a
+    retraining's challenger (it decides the promotion after), else ``pipelines.training``."""
+    return "pipelines.retraining" if run_kind == "retraining" else "pipelines.training"
+
+
 def resume_command(run_id: str, checkpoint_dir: str | Path | None = None, run_kind: str | None = None) -> str:
-    """The command that continues pipeline run ``run_id``: ``pipelines.retraining`` for a
-    retraining's challenger (it decides the promotion after), else ``pipelines.training``; it names
+    """The command that continues pipeline run ``run_id`` (through :func:`resuming_flow`); it names
     ``--checkpoint_dir`` when the run's checkpoints are not under the default folder."""
-    module = "pipelines.retraining" if run_kind == "retraining" else "pipelines.training"
-    command = f"python -m {module} --resume {run_id}"
+    command = f"python -m {resuming_flow(run_kind)} --resume {run_id}"
     if checkpoint_dir is not None and Path(checkpoint_dir) != default_checkpoint_dir():
         command += f" --checkpoint_dir {shlex.quote(str(checkpoint_dir))}"
     return command

@@ -207,7 +207,7 @@ def reopen_run(run_id: str, run_kind: str, checkpoint_dir: str) -> dict[str, str
                           f"{run.data.tags.get(tracking.TAG_PROCESS_PID, '?')} on "
                           f"{run.data.tags.get(tracking.TAG_PROCESS_HOST, '?')}")
     kind = run.data.tags.get(tracking.TAG_RUN_KIND, "")
-    if (kind == "retraining") != (run_kind == "retraining"):
+    if sync.resuming_flow(kind) != sync.resuming_flow(run_kind):
         what = "a retraining's challenger" if kind == "retraining" else f"a {kind or 'pipeline'} run"
         raise ResumeError(f"cannot resume run {run_id} here: it is {what}; continue it with: "
                           f"{sync.resume_command(run_id, checkpoint_dir, kind)}")
