@@ -237,10 +237,15 @@ def run_outbox(checkpoint_dir: str, run_id: str) -> tracking.Outbox:
     return run_sender(checkpoint_dir, run_id).outbox
 
 
+def sync_command(checkpoint_dir: str) -> str:
+    """The command that delivers what the runs under ``checkpoint_dir`` left in their outboxes."""
+    return f"python -m pipelines.sync --checkpoint_dir {checkpoint_dir}"
+
+
 def unreachable_line(run_id: str, checkpoint_dir: str, error: str | None) -> str:
     return (f"MLflow tracking server {tracking.tracking_uri()} did not take the last updates of run {run_id} "
             f"({error or 'no answer'}); they are kept in {sync.run_folder(checkpoint_dir, run_id)} and "
-            f"`python -m pipelines.sync --checkpoint_dir {checkpoint_dir}` (or the next pipeline run) delivers them")
+            f"`{sync_command(checkpoint_dir)}` (or the next pipeline run) delivers them")
 
 
 @task(name="finish-run", cache_policy=NO_CACHE, **RETRY)

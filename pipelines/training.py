@@ -86,9 +86,10 @@ def check_inputs(config: dict[str, Any]) -> None:
     console.hide_user_error_tracebacks()
 
 
-def stopped_after_registering(sig: signal.Signals, run_id: str, run_kind: str, queued: bool) -> str:
-    """The line for a signal that came while the model was registered: it waited for the end."""
-    how = " (queued: python -m pipelines.sync delivers it)" if queued else ""
+def stopped_after_registering(sig: signal.Signals, run_id: str, run_kind: str, queued_in: str | None) -> str:
+    """The line for a signal that came while the model was registered: it waited for the end.
+    ``queued_in``: the checkpoint folder whose outbox holds the registration, if it was queued."""
+    how = f" (queued: `{tasks.sync_command(queued_in)}` delivers it)" if queued_in else ""
     left = "; no promotion was decided: the champion is unchanged" if run_kind == "retraining" else ""
     return (f"{sig.name} arrived while the model was registered, so the registration finished first{how}; "
             f"MLflow run {run_id} is complete{left}")
@@ -140,7 +141,7 @@ def run_training(config: dict[str, Any], *, iw_k: int, eval_max_images: int, eva
         raise
     pending = tasks.finish_run(run_id, ckpt, "FINISHED", None, tracking_wait_s)
     if stops:
-        raise Interrupted(stopped_after_registering(stops[0], run_id, run_kind, version is None))
+        raise Interrupted(stopped_after_registering(stops[0], run_id, run_kind, ckpt if version is None else None))
     return {**run, "model_version": version, "metrics": metrics, "figures": figures, "score_key": tasks.score_key(iw_k),
             "best_model_path": best, "data_digest": data_ref["digest"], "config": config,
             "final_metrics": result["final_metrics"], "tracking_pending": pending}

@@ -142,8 +142,8 @@ def test_sigterm_while_the_model_is_registered_waits_for_the_registration_to_end
     on_server.cut(3600)  # from here on the run logs through its outbox; the registration waits for it
     run_id, _, last_line = stop_pipeline(proc, lambda: task_running("register"), ckpt)
     assert last_line == ("stopped: SIGTERM arrived while the model was registered, so the registration finished "
-                         f"first (queued: python -m pipelines.sync delivers it); MLflow run {run_id} is complete"), \
-        last_line
+                         f"first (queued: `python -m pipelines.sync --checkpoint_dir {ckpt}` delivers it); MLflow run "
+                         f"{run_id} is complete"), last_line
     on_server.resume()
     assert wait_for(lambda: health_answers(on_server.url), timeout=10)
     code, stdout, err = call_cli(sync_cli, ["--checkpoint_dir", str(ckpt), "--experiment_name",
