@@ -100,10 +100,11 @@ def test_the_default_model_takes_the_matrix_form_exactly_at_its_2x2_layers():
     model = fast.accelerate(VAE().to(memory_format=CL), "cpu")
     forms = fast.forms(model)
     assert [name for name, form in forms.items() if "matmul" in form] == ["encoder.3.0", "decoder.0.0"]
-    assert forms["final_layer.1"] == "output_conv"
+    built = bn_act.library() is not None  # the fused forms need the compiled kernels
+    assert forms["final_layer.1"] == ("bn_act_conv" if built else "output_conv")
     assert {forms[name] for name in ("fc_mu", "fc_log_var", "decoder_input")} == {"plain"}
     assert sum(form == "bias_after" for form in forms.values()) == 6
-    assert sum(form == "bn_act" for form in forms.values()) == 8 or bn_act.library() is None
+    assert sum(form == "bn_act" for form in forms.values()) == (7 if built else 0)  # the 8th: bn_act_conv
 
 
 def test_a_contiguous_model_keeps_pytorchs_convolutions():
@@ -124,7 +125,7 @@ def test_enabled_false_keeps_the_plain_model():
     model = VAE(hidden_dims=[8, 16], latent_dim=2).to(memory_format=CL)
     assert fast.accelerate(model, "cpu", enabled=False) is model
     assert set(fast.forms(model).values()) == {"plain"}
-    assert "output_conv" in fast.forms(fast.accelerate(model, "cpu", enabled=True)).values()
+    assert "bias_after" in fast.forms(fast.accelerate(model, "cpu", enabled=True)).values()
 
 
 def test_include_picks_the_forms():

@@ -23,6 +23,10 @@ form             what it does                                      where it appl
 ``bn_act``       ``BatchNorm2d`` + ``LeakyReLU`` as one compiled   each such pair (the activation becomes
                  kernel (:mod:`vae.fast.bn_act`): two passes over  ``nn.Identity``); CPU float32 where a C++
                  memory each way instead of five and six           compiler builds it, no autocast
+``bn_act_conv``  the decoder's last BatchNorm, LeakyReLU and       a ``Sequential(block ending in BatchNorm +
+                 output conv as one kernel                         LeakyReLU, output conv)`` with a conv that
+                 (:mod:`vae.fast.bn_act_conv`): the 28×28 map      fits ``output_conv``; CPU float32
+                 between them never goes to memory                 channels-last, no autocast
 ``heap``         :func:`retained_heap`: freed activation buffers   training (``retain_memory``), evaluation
                  stay in the process instead of being unmapped     and the FID classifier's training; Linux
                  and re-faulted every step                         with glibc
@@ -42,12 +46,13 @@ from torch import nn
 
 from vae.fast import bn_act
 from vae.fast.bn_act import BatchNormAct
+from vae.fast.bn_act_conv import NormActConv
 from vae.fast.heap import retained_heap
 from vae.fast.layers import MATMUL_MAX_POSITIONS, Conv2d, ConvTranspose2d, OutputConv
 
 __all__ = ["FORMS", "accelerate", "applies", "forms", "retained_heap"]
 
-FORMS = ("bias_after", "matmul", "output_conv", "bn_act")  # the layer forms; the heap is retained_heap
+FORMS = ("bias_after", "matmul", "output_conv", "bn_act", "bn_act_conv")  # the layer forms; the heap is retained_heap
 
 
 def applies(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
@@ -76,6 +81,8 @@ def accelerate(model: nn.Module, device: torch.device | str | None = None,
     if not enabled or weight is None or not applies(device if device is not None else weight.device, weight.dtype):
         return model
     small = _small_map_layers(model) if "matmul" in include else set()
+    if "bn_act_conv" in include:  # first: it matches the plain BatchNorm, LeakyReLU and output conv
+        _fuse_tail(model)
     for name, module in list(model.named_modules()):
         twin = _twin(module, include, name in small)
         if twin is not None:
@@ -93,6 +100,15 @@ def _fuse_norm_act(model: nn.Module) -> None:
         for i in range(len(seq) - 1):
             if BatchNormAct.fits(seq[i], seq[i + 1]) and bn_act.library() is not None:
                 seq[i], seq[i + 1] = BatchNormAct.from_plain(seq[i], seq[i + 1]), nn.Identity()
+
+
+def _fuse_tail(model: nn.Module) -> None:
+    """Each ``Sequential(block ending in BatchNorm2d + LeakyReLU, output conv)`` -> ``NormActConv``
+    (the same children); nothing where the kernel is not built."""
+    for name, module in list(model.named_modules()):
+        if NormActConv.fits(module) and bn_act.library() is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NormActConv.from_plain(module))
 
 
 def _small_map_layers(model: nn.Module) -> set[str]:
@@ -138,11 +154,16 @@ def _twin(module: nn.Module, include: tuple[str, ...], small: bool) -> nn.Module
 
 def forms(model: nn.Module) -> dict[str, str]:
     """Layer name -> the form each convolution, linear layer and BatchNorm computes in: 'plain',
-    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map), 'output_conv' or 'bn_act'
-    (a BatchNorm with the LeakyReLU after it)."""
+    'bias_after', 'bias_after+matmul' (the matrix form: a 2×2 map), 'output_conv', 'bn_act'
+    (a BatchNorm with the LeakyReLU after it) or 'bn_act_conv' (a BatchNorm and the output conv
+    of one fused last stage)."""
     out = {}
+    tails = [(name, m) for name, m in model.named_modules() if isinstance(m, NormActConv)]
+    fused = {f"{name}.{part}" for name, m in tails for part in (f"0.{len(m[0]) - 2}", "1")}
     for name, module in model.named_modules():
-        if isinstance(module, BatchNormAct):
+        if name in fused:
+            out[name] = "bn_act_conv"
+        elif isinstance(module, BatchNormAct):
             out[name] = "bn_act"
         elif type(module) is nn.BatchNorm2d:
             out[name] = "plain"

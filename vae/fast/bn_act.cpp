@@ -9,67 +9,11 @@
 // and the backward, with gv = dL/dv (the LeakyReLU's slope applied), xhat = (x - mean)*invstd:
 //     dbeta = sum gv,  dgamma = sum gv*xhat,
 //     dx = a*(gv - dbeta/n - xhat*dgamma/n)  =  a*gv + B*x + D   (B, D per channel).
-#include <omp.h>
-
-#include <cmath>
-#include <vector>
+#include "bn_act.h"
 
 namespace {
 
-// Each pass is one loop over memory: rows of C channels (channels-last) or planes of I values
-// (contiguous), split over the threads, the inner loop vectorised ("omp simd").
-
-// mean[c] and the biased variance var[c] of x, from sums shifted by each channel's first value
-// (shifting keeps sum(d^2) - sum(d)^2/n from cancelling when |mean| >> std).
-template <typename T>
-void stats(const T* x, long O, long C, long I, int threads, double* mean, double* var) {
-  std::vector<double> shift(C), acc(static_cast<size_t>(threads) * 2 * C, 0.0);
-  for (long c = 0; c < C; ++c) shift[c] = x[c * I];
-#pragma omp parallel num_threads(threads)
-  {
-    double* __restrict s1 = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-    double* __restrict s2 = s1 + C;
-    const double* __restrict sh = shift.data();
-    if (I == 1) {
-#pragma omp for schedule(static)
-      for (long o = 0; o < O; ++o) {
-        const T* __restrict row = x + o * C;
-#pragma omp simd
-        for (long c = 0; c < C; ++c) {
-          double d = static_cast<double>(row[c]) - sh[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
-    } else {
-#pragma omp for schedule(static) collapse(2)
-      for (long o = 0; o < O; ++o)
-        for (long c = 0; c < C; ++c) {
-          const T* __restrict plane = x + (o * C + c) * I;
-          double origin = sh[c], a1 = 0.0, a2 = 0.0;
-#pragma omp simd reduction(+ : a1, a2)
-          for (long i = 0; i < I; ++i) {
-            double d = static_cast<double>(plane[i]) - origin;
-            a1 += d;
-            a2 += d * d;
-          }
-          s1[c] += a1;
-          s2[c] += a2;
-        }
-    }
-  }
-  double n = static_cast<double>(O) * I;
-  for (long c = 0; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      s1 += acc[static_cast<size_t>(t) * 2 * C + c];
-      s2 += acc[static_cast<size_t>(t) * 2 * C + C + c];
-    }
-    double m = s1 / n;
-    mean[c] = shift[c] + m;
-    var[c] = std::fmax(s2 / n - m * m, 0.0);
-  }
-}
+using namespace bn_act;
 
 // y = leaky(x*a + b), a and b per channel.
 template <typename T>
@@ -108,16 +52,8 @@ void forward(const T* x, T* y, long O, long C, long I, int threads, const T* wei
              T* b) {
   std::vector<double> var(C);
   stats(x, O, C, I, threads, mean, var.data());
-  double n = static_cast<double>(O) * I;
-  for (long c = 0; c < C; ++c) {
-    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    a[c] = static_cast<T>(weight[c] * invstd[c]);
-    b[c] = static_cast<T>(bias[c] - mean[c] * a[c]);
-    if (running_mean != nullptr) {
-      running_mean[c] = static_cast<T>((1.0 - factor) * running_mean[c] + factor * mean[c]);
-      running_var[c] = static_cast<T>((1.0 - factor) * running_var[c] + factor * var[c] * n / (n - 1.0));
-    }
-  }
+  batch_affine(C, static_cast<double>(O) * I, mean, var.data(), weight, bias, eps, running_mean, running_var, factor,
+               invstd, a, b);
   affine_leaky(x, y, O, C, I, threads, a, b, static_cast<T>(slope));
 }
 
@@ -126,17 +62,9 @@ template <typename T>
 void apply(const T* x, T* y, long O, long C, long I, int threads, const T* running_mean, const T* running_var,
            const T* weight, const T* bias, double eps, double slope) {
   std::vector<T> a(C), b(C);
-  for (long c = 0; c < C; ++c) {
-    double scale = weight[c] / std::sqrt(static_cast<double>(running_var[c]) + eps);
-    a[c] = static_cast<T>(scale);
-    b[c] = static_cast<T>(bias[c] - running_mean[c] * scale);
-  }
+  running_affine(C, running_mean, running_var, weight, bias, eps, a.data(), b.data());
   affine_leaky(x, y, O, C, I, threads, a.data(), b.data(), static_cast<T>(slope));
 }
-
-// The LeakyReLU's gradient factor at x (the forward's own x*a + b): a select, not a branch.
-template <typename T>
-inline T slope_at(T x, T a, T b, T slope) { return x * a + b > T(0) ? T(1) : slope; }
 
 // Pass 1 of the backward: acc[t][c] += gv and acc[t][C + c] += gv*(x - mean) per thread t.
 template <typename T>
@@ -213,20 +141,9 @@ void backward(const T* g, const T* x, T* dx, long O, long C, long I, int threads
   const T s = static_cast<T>(slope);
   std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
   gradient_sums(g, x, O, C, I, threads, a, b, s, mean, acc.data());
-  double n = static_cast<double>(O) * I;
   std::vector<T> B(C), D(C);
-  for (long c = 0; c < C; ++c) {
-    double sum_gv = 0.0, sum_gv_xc = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      sum_gv += acc[static_cast<size_t>(t) * 2 * C + c];
-      sum_gv_xc += acc[static_cast<size_t>(t) * 2 * C + C + c];
-    }
-    double mean_gv = sum_gv / n, mean_gv_xhat = sum_gv_xc * invstd[c] / n;
-    dbias[c] = static_cast<T>(sum_gv);
-    dweight[c] = static_cast<T>(sum_gv_xc * invstd[c]);
-    B[c] = static_cast<T>(-a[c] * mean_gv_xhat * invstd[c]);
-    D[c] = static_cast<T>(a[c] * (mean[c] * mean_gv_xhat * invstd[c] - mean_gv));
-  }
+  gradient_coefficients(acc.data(), threads, C, static_cast<double>(O) * I, a, mean, invstd, dweight, dbias, B.data(),
+                        D.data());
   input_gradient(g, x, dx, O, C, I, threads, a, b, s, B.data(), D.data());
 }
 

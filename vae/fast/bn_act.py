@@ -35,7 +35,8 @@ from vae import settings
 
 __all__ = ["BatchNormAct", "library"]
 
-SOURCE = Path(__file__).with_name("bn_act.cpp")
+# bn_act_conv.cpp: BatchNorm + LeakyReLU + the output conv (vae.fast.bn_act_conv), in the same library
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("bn_act.h", "bn_act.cpp", "bn_act_conv.cpp"))
 # -ffp-contract=off: the backward recomputes x*a + b exactly as the forward did (same LeakyReLU mask).
 # -fno-trapping-math: without it g++ keeps the LeakyReLU's select a branch wherever vectors have no
 # masks (AVX2: 12x slower on random signs, Zen 3); the results are the same bits.
@@ -46,8 +47,11 @@ _SIGNATURES = {  # name -> argument types (pointers as c_void_p: data_ptr() of C
     "forward": (_P, _P, _L, _L, _L, _I, _P, _P, _D, _D, _P, _P, _D, _P, _P, _P, _P),
     "apply": (_P, _P, _L, _L, _L, _I, _P, _P, _P, _P, _D, _D),
     "backward": (_P, _P, _P, _L, _L, _L, _I, _P, _P, _D, _P, _P, _P, _P),
+    "conv_forward": (_P, _P, _L, _L, _L, _L, _L, _L, _I, _P, _P, _D, _D, _P, _P, _D, _P, _P, _P, _P, _P, _P),
+    "conv_apply": (_P, _P, _L, _L, _L, _L, _L, _L, _I, _P, _P, _P, _P, _D, _D, _P, _P),
+    "conv_backward": (_P, _P, _P, _L, _L, _L, _L, _L, _L, _I, _P, _P, _D, _P, _P, _P, _P, _P, _P, _P),
 }
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}  # what the kernels compute in -> suffix
 
 
 def _machine() -> str:
@@ -60,12 +64,13 @@ def _machine() -> str:
 
 
 def _build(compiler: str, dest: Path) -> None:
-    """Compile SOURCE into ``dest``, atomically (a half-written library is never loaded)."""
+    """Compile SOURCES into ``dest``, atomically (a half-written library is never loaded)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        sources = [str(f) for f in SOURCES if f.suffix == ".cpp"]
+        subprocess.run([compiler, *FLAGS, *sources, "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, dest)
     finally:
@@ -81,7 +86,8 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("vae.fast: no C++ compiler found (set CXX), so BatchNorm + LeakyReLU stay the plain "
                       "layers", RuntimeWarning, stacklevel=2)
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, compiler, _machine()]).encode()).hexdigest()[:16]
+    parts = [*(f.read_text() for f in SOURCES), *FLAGS, compiler, _machine()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     path = settings.current().cache_dir / "kernels" / f"bn_act-{key}.so"
     try:
         if not path.is_file():
@@ -93,14 +99,15 @@ def library() -> ctypes.CDLL | None:
                       f"so those layers stay plain", RuntimeWarning, stacklevel=2)
         return None
     for name, argtypes in _SIGNATURES.items():
-        for suffix in _SUFFIX.values():
+        for suffix in DTYPES.values():
             fn = getattr(lib, f"bn_act_{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
-def _kernel(name: str, dtype: torch.dtype):
-    return getattr(library(), f"bn_act_{name}_{_SUFFIX[dtype]}")
+def kernel(name: str, dtype: torch.dtype):
+    """The compiled function ``bn_act_<name>`` for ``dtype`` (one of DTYPES)."""
+    return getattr(library(), f"bn_act_{name}_{DTYPES[dtype]}")
 
 
 def _view(x: torch.Tensor) -> tuple[int, int, int]:
@@ -109,7 +116,8 @@ def _view(x: torch.Tensor) -> tuple[int, int, int]:
     return (n * h * w, c, 1) if x.is_contiguous(memory_format=torch.channels_last) else (n, c, h * w)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for the kernels; None (NULL) for no tensor."""
     return None if t is None else t.data_ptr()
 
 
@@ -122,9 +130,9 @@ class _Function(torch.autograd.Function):
         y = torch.empty_like(x)
         mean, invstd = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
         a, b = torch.empty_like(weight), torch.empty_like(weight)
-        _kernel("forward", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
-                                    weight.data_ptr(), bias.data_ptr(), eps, slope, _ptr(running_mean),
-                                    _ptr(running_var), factor, mean.data_ptr(), invstd.data_ptr(),
+        kernel("forward", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
+                                    weight.data_ptr(), bias.data_ptr(), eps, slope, pointer(running_mean),
+                                    pointer(running_var), factor, mean.data_ptr(), invstd.data_ptr(),
                                     a.data_ptr(), b.data_ptr())
         ctx.save_for_backward(x)
         ctx.stats, ctx.slope = (a, b, mean, invstd), slope
@@ -138,10 +146,22 @@ class _Function(torch.autograd.Function):
         o, c, i = _view(x)
         grad = grad.contiguous(memory_format=torch.channels_last if i == 1 else torch.contiguous_format)
         dx, dweight, dbias = torch.empty_like(x), torch.empty_like(a), torch.empty_like(a)
-        _kernel("backward", x.dtype)(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), o, c, i, torch.get_num_threads(),
+        kernel("backward", x.dtype)(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), o, c, i, torch.get_num_threads(),
                                      a.data_ptr(), b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(),
                                      dweight.data_ptr(), dbias.data_ptr())
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def momentum_factor(norm: nn.BatchNorm2d) -> tuple[float, bool]:
+    """(the running statistics' update factor, whether to update them) for one training-statistics
+    forward of ``norm``, counting the step as ``nn.BatchNorm2d`` does: momentum, or a cumulative
+    average when momentum is None."""
+    update = norm.training and norm.track_running_stats
+    factor = 0.0
+    if update and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return factor, update
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -168,7 +188,7 @@ class BatchNormAct(nn.BatchNorm2d):
         return twin.train(norm.training)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in _SUFFIX and x.dtype == self.weight.dtype
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in DTYPES and x.dtype == self.weight.dtype
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and x.shape[0] * x.shape[2] * x.shape[3] > 1
                 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
@@ -181,14 +201,10 @@ class BatchNormAct(nn.BatchNorm2d):
         if not batch_stats:  # running statistics, no gradient: one pass
             o, c, i = _view(x)
             y = torch.empty_like(x)
-            _kernel("apply", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
+            kernel("apply", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
                                       self.running_mean.data_ptr(), self.running_var.data_ptr(),
                                       self.weight.data_ptr(), self.bias.data_ptr(), self.eps, self.slope)
             return y
-        factor = 0.0  # as nn.BatchNorm2d: momentum, or a cumulative average when momentum is None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        update = self.training and self.track_running_stats
+        factor, update = momentum_factor(self)
         return _Function.apply(x, self.weight, self.bias, self.running_mean if update else None,
                                self.running_var if update else None, factor, self.eps, self.slope)
