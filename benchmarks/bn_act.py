@@ -1,4 +1,6 @@
-"""BatchNorm2d + LeakyReLU of the default model: PyTorch's two ops against ``vae.fast.bn_act``'s kernel.
+"""BatchNorm2d + LeakyReLU of the default model: PyTorch's two ops against ``vae.fast.bn_act``'s kernel;
+then the decoder's last stage (BatchNorm, LeakyReLU, output conv) in three forms: plain, ``bn_act`` +
+``output_conv``, and ``bn_act_conv``'s one kernel.
 
 Each BatchNorm of the default model (batch 128; training mode, forward + backward: input, weight
 and bias gradients), in channels-last and contiguous memory, float32 on the CPU, under
@@ -20,7 +22,9 @@ from torch import nn
 
 from benchmarks import kernel_args
 from vae.fast import bn_act, retained_heap
+from vae import fast
 from vae.fast.bn_act import BatchNormAct
+from vae.fast.bn_act_conv import NormActConv
 
 BATCH = 128
 SHAPES = [(32, 28), (32, 14), (64, 7), (128, 4), (256, 2)]  # (channels, map size) of the default model's BatchNorms
@@ -69,6 +73,29 @@ def main(argv=None) -> None:
     print(f"batch {BATCH}, float32, {torch.get_num_threads()} thread(s), training mode, "
           f"fastest of {args.rounds} rounds of {args.repeats} calls\n")
     print("\n".join(rows))
+    print("\nthe last stage: BatchNorm 32 -> LeakyReLU -> conv 32->1 at 28×28, channels-last\n")
+    print("\n".join(_last_stage(args)))
+
+
+def _last_stage(args) -> list[str]:
+    """Rows of the last-stage table: each form's forward and backward ms (fastest round)."""
+    plain = nn.Sequential(nn.Sequential(nn.BatchNorm2d(32), nn.LeakyReLU(0.2)), nn.Conv2d(32, 1, 3, padding=1))
+    forms = {"plain layers": plain,
+             "bn_act + output_conv": fast.accelerate(copy.deepcopy(plain), "cpu", include=("output_conv", "bn_act")),
+             "bn_act_conv": NormActConv.from_plain(copy.deepcopy(plain))}
+    x = torch.randn(BATCH, 32, 28, 28).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(BATCH, 1, 28, 28)
+    rounds = {name: [] for name in forms}
+    with retained_heap():
+        for _ in range(args.rounds):
+            for name, module in forms.items():
+                rounds[name].append(_time(module, x, grad, args.repeats))
+    rows = ["| form | fwd ms | bwd ms | speed-up over plain (fwd + bwd) |", "|---|---:|---:|---:|"]
+    base = sum(min(rounds["plain layers"], key=sum))
+    for name in forms:
+        f, b = min(rounds[name], key=sum)
+        rows.append(f"| {name} | {f:.2f} | {b:.2f} | {base / (f + b):.2f} |")
+    return rows
 
 
 if __name__ == "__main__":
