@@ -29,7 +29,6 @@ from typing import Any, Mapping
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -46,7 +45,7 @@ MODEL_ARTIFACT = "model"
 
 
 def _pip_requirements() -> list[str]:
-    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+    return [f"mlflow=={mlflow.__version__}", f"torch=={version('torch').split('+')[0]}",
             f"torchvision=={version('torchvision').split('+')[0]}", "numpy"]
 
 

@@ -8,7 +8,11 @@ product packages and benchmarks.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.conftest import SLOW_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("vae", "tracking", "tuning", "pipelines", "benchmarks")
@@ -40,3 +44,16 @@ def test_no_function_is_over_60_lines():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
     assert long == []
+
+
+def test_the_files_the_suite_schedules_first_exist():
+    """tests/conftest.py's SLOW_FILES: a renamed file would silently drop out of the order."""
+    assert [name for name in SLOW_FILES if not (REPO / "tests" / name).is_file()] == []
+
+
+def test_the_light_modules_import_without_torch():
+    """``import vae.config`` / ``import tracking`` (what pipelines.sync, the flows' ``--help`` and
+    the tracking helpers start with) load no torch: vae's names load their module on first use."""
+    code = ("import sys, vae, vae.config, vae.settings, tracking; assert 'torch' not in sys.modules\n"
+            "from vae import VAE, get_default_config; assert 'torch' in sys.modules and VAE.__name__ == 'VAE'\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

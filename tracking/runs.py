@@ -13,7 +13,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
@@ -50,6 +49,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 def environment_tags(device: str, dataset_digest: str, run_kind: str, flow_run_id: str | None = None) -> dict[str, str]:
     """The tags every pipeline run carries, named the same across runs."""
+    import torch  # here, not at the top: `import tracking` stays light for the commands that train nothing
+
     return {TAG_GIT_COMMIT: git_commit(), TAG_DATASET_DIGEST: dataset_digest, TAG_DEVICE: device,
             TAG_TORCH_VERSION: torch.__version__, TAG_FLOW_RUN_ID: flow_run_id or "", TAG_RUN_KIND: run_kind}
 
