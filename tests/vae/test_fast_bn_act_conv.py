@@ -117,5 +117,7 @@ def test_accelerate_fuses_the_decoders_last_stage_and_keeps_the_state_dict():
     without = fast.forms(fast.accelerate(VAE(hidden_dims=[8], latent_dim=2).to(memory_format=CL), "cpu",
                                          include=tuple(f for f in fast.FORMS if f != "bn_act_conv")))
     assert (without["final_layer.0.1"], without["final_layer.1"]) == ("bn_act", "output_conv")
+    contiguous = fast.forms(fast.accelerate(VAE(hidden_dims=[8], latent_dim=2), "cpu"))
+    assert contiguous["final_layer.1"] == "output_conv"  # its input is contiguous: the children's forms run
     ar = fast.accelerate(VAE(hidden_dims=[8], latent_dim=2, decoder="autoregressive").to(memory_format=CL), "cpu")
     assert "bn_act_conv" not in fast.forms(ar).values()  # no output conv after its last stage

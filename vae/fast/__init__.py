@@ -106,7 +106,7 @@ def _fuse_tail(model: nn.Module) -> None:
     """Each ``Sequential(block ending in BatchNorm2d + LeakyReLU, output conv)`` -> ``NormActConv``
     (the same children); nothing where the kernel is not built."""
     for name, module in list(model.named_modules()):
-        if NormActConv.fits(module) and bn_act.library() is not None:
+        if name and NormActConv.fits(module) and bn_act.library() is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NormActConv.from_plain(module))
 

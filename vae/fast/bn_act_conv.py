@@ -71,8 +71,9 @@ class _Function(torch.autograd.Function):
 
 class NormActConv(nn.Sequential):
     """``nn.Sequential(block, conv)`` whose block ends in ``BatchNorm2d`` + ``LeakyReLU`` and whose
-    conv is a few-channel output conv (:meth:`OutputConv.fits`): the layers before the BatchNorm
-    run as they are, the last three as one kernel on CPU float32/float64 channels-last input."""
+    conv is a few-channel output conv (:meth:`OutputConv.fits`) with channels-last weights: the
+    layers before the BatchNorm run as they are, the last three as one kernel on CPU
+    float32/float64 channels-last input."""
 
     slope: float = 0.01  # the LeakyReLU's
 
@@ -80,7 +81,9 @@ class NormActConv(nn.Sequential):
     def fits(cls, seq: nn.Module) -> bool:
         if type(seq) is not nn.Sequential or len(seq) != 2 or type(seq[0]) is not nn.Sequential or len(seq[0]) < 2:
             return False
-        return BatchNormAct.fits(seq[0][-2], seq[0][-1]) and OutputConv.fits(seq[1])
+        # a channels-last model: where the input is (a contiguous model's runs the children's forms)
+        return (BatchNormAct.fits(seq[0][-2], seq[0][-1]) and OutputConv.fits(seq[1])
+                and seq[1].weight.is_contiguous(memory_format=CL))
 
     @classmethod
     def from_plain(cls, seq: nn.Sequential) -> "NormActConv":
