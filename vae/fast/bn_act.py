@@ -131,9 +131,9 @@ class _Function(torch.autograd.Function):
         mean, invstd = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
         a, b = torch.empty_like(weight), torch.empty_like(weight)
         kernel("forward", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
-                                    weight.data_ptr(), bias.data_ptr(), eps, slope, pointer(running_mean),
-                                    pointer(running_var), factor, mean.data_ptr(), invstd.data_ptr(),
-                                    a.data_ptr(), b.data_ptr())
+                                   weight.data_ptr(), bias.data_ptr(), eps, slope, pointer(running_mean),
+                                   pointer(running_var), factor, mean.data_ptr(), invstd.data_ptr(),
+                                   a.data_ptr(), b.data_ptr())
         ctx.save_for_backward(x)
         ctx.stats, ctx.slope = (a, b, mean, invstd), slope
         return y
@@ -147,8 +147,8 @@ class _Function(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last if i == 1 else torch.contiguous_format)
         dx, dweight, dbias = torch.empty_like(x), torch.empty_like(a), torch.empty_like(a)
         kernel("backward", x.dtype)(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), o, c, i, torch.get_num_threads(),
-                                     a.data_ptr(), b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(),
-                                     dweight.data_ptr(), dbias.data_ptr())
+                                    a.data_ptr(), b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(),
+                                    dweight.data_ptr(), dbias.data_ptr())
         return dx, dweight, dbias, None, None, None, None, None
 
 
@@ -202,8 +202,8 @@ class BatchNormAct(nn.BatchNorm2d):
             o, c, i = _view(x)
             y = torch.empty_like(x)
             kernel("apply", x.dtype)(x.data_ptr(), y.data_ptr(), o, c, i, torch.get_num_threads(),
-                                      self.running_mean.data_ptr(), self.running_var.data_ptr(),
-                                      self.weight.data_ptr(), self.bias.data_ptr(), self.eps, self.slope)
+                                     self.running_mean.data_ptr(), self.running_var.data_ptr(),
+                                     self.weight.data_ptr(), self.bias.data_ptr(), self.eps, self.slope)
             return y
         factor, update = momentum_factor(self)
         return _Function.apply(x, self.weight, self.bias, self.running_mean if update else None,
