@@ -26,7 +26,7 @@ void affine_leaky(const T* x, T* y, long O, long C, long I, int threads, const T
 #pragma omp simd
       for (long c = 0; c < C; ++c) {
         T v = xr[c] * a[c] + b[c];
-        yr[c] = v > T(0) ? v : v * slope;
+        yr[c] = leaky(v, slope);
       }
     }
   } else {
@@ -39,7 +39,7 @@ void affine_leaky(const T* x, T* y, long O, long C, long I, int threads, const T
 #pragma omp simd
         for (long i = 0; i < I; ++i) {
           T v = xp[i] * ac + bc;
-          yp[i] = v > T(0) ? v : v * slope;
+          yp[i] = leaky(v, slope);
         }
       }
   }

@@ -8,6 +8,17 @@
 
 namespace bn_act {
 
+// y = leaky(v): v, or v*slope below 0 (a select with -fno-trapping-math, not a branch).
+template <typename T>
+inline T leaky(T v, T slope) { return v > T(0) ? v : v * slope; }
+
+// sum over threads t of acc[t*stride + j]: the per-thread partial sums of one value.
+inline double thread_sum(const double* acc, int threads, size_t stride, size_t j) {
+  double sum = 0.0;
+  for (int t = 0; t < threads; ++t) sum += acc[static_cast<size_t>(t) * stride + j];
+  return sum;
+}
+
 // Each pass is one loop over memory: rows of C channels (channels-last) or planes of I values
 // (contiguous), split over the threads, the inner loop vectorised ("omp simd").
 
@@ -52,11 +63,7 @@ void stats(const T* x, long O, long C, long I, int threads, double* mean, double
   }
   double n = static_cast<double>(O) * I;
   for (long c = 0; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      s1 += acc[static_cast<size_t>(t) * 2 * C + c];
-      s2 += acc[static_cast<size_t>(t) * 2 * C + C + c];
-    }
+    double s1 = thread_sum(acc.data(), threads, 2 * C, c), s2 = thread_sum(acc.data(), threads, 2 * C, C + c);
     double m = s1 / n;
     mean[c] = shift[c] + m;
     var[c] = std::fmax(s2 / n - m * m, 0.0);
@@ -100,11 +107,7 @@ template <typename T>
 void gradient_coefficients(const double* acc, int threads, long C, double n, const T* a, const double* mean,
                            const double* invstd, T* dweight, T* dbias, T* B, T* D) {
   for (long c = 0; c < C; ++c) {
-    double sum_gv = 0.0, sum_gv_xc = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      sum_gv += acc[static_cast<size_t>(t) * 2 * C + c];
-      sum_gv_xc += acc[static_cast<size_t>(t) * 2 * C + C + c];
-    }
+    double sum_gv = thread_sum(acc, threads, 2 * C, c), sum_gv_xc = thread_sum(acc, threads, 2 * C, C + c);
     double mean_gv = sum_gv / n, mean_gv_xhat = sum_gv_xc * invstd[c] / n;
     dbias[c] = static_cast<T>(sum_gv);
     dweight[c] = static_cast<T>(sum_gv_xc * invstd[c]);

@@ -34,7 +34,7 @@ struct Padded {
 };
 
 // y of one image into the buffer's interior.
-template <typename T, long CC, long KK, long KS>
+template <typename T, long CC>
 void activate(const T* x, Padded<T>& y, long C_, const T* a, const T* b, T slope) {
   const long C = CC ? CC : C_;
   for (long h = 0; h < y.H; ++h)
@@ -42,10 +42,7 @@ void activate(const T* x, Padded<T>& y, long C_, const T* a, const T* b, T slope
       T* __restrict yr = y.at(h, v);
       const T* __restrict xr = x + (h * y.W + v) * C;
 #pragma omp simd
-      for (long c = 0; c < C; ++c) {
-        T u = xr[c] * a[c] + b[c];
-        yr[c] = u > T(0) ? u : u * slope;
-      }
+      for (long c = 0; c < C; ++c) yr[c] = leaky(xr[c] * a[c] + b[c], slope);
     }
 }
 
@@ -62,7 +59,7 @@ void forward(const T* x, T* out, long N, long H, long W, long C_, long K_, long 
     T* __restrict acc = partial.data();
 #pragma omp for schedule(static)
     for (long n = 0; n < N; ++n) {
-      activate<T, CC, KK, KS>(x + n * H * W * C, y, C, a, b, static_cast<T>(slope));
+      activate<T, CC>(x + n * H * W * C, y, C, a, b, static_cast<T>(slope));
       T* on = out + n * H * W * K;
       for (long h = 0; h < H; ++h)
         for (long v = 0; v < W; ++v)
@@ -127,10 +124,7 @@ void gradient_sums(const T* g, const T* x, long N, long H, long W, long C_, long
           input_grad<T, CC, KK, KS>(gp, h, v, C, K, k, w, dy.data());
           T* __restrict yv = y.data();
 #pragma omp simd
-          for (long c = 0; c < C; ++c) {
-            T u = xr[c] * a[c] + b[c];
-            yv[c] = u > T(0) ? u : u * s;
-          }
+          for (long c = 0; c < C; ++c) yv[c] = leaky(xr[c] * a[c] + b[c], s);
           T* __restrict dwi = dw_image.data();
           for (long i = 0; i < k; ++i)
             for (long j = 0; j < k; ++j) {
@@ -183,6 +177,17 @@ void input_gradient(const T* g, const T* x, T* dx, long N, long H, long W, long 
   }
 }
 
+// The default model's last stage (32 channels, 1 output, 3x3): sizes the compiler unrolls; the
+// generic instantiation (0, 0, 0) serves every other.
+inline bool default_sizes(long C, long K, long k) { return C == 32 && K == 1 && k == 3; }
+
+template <typename T>
+void conv_forward(const T* x, T* out, long N, long H, long W, long C, long K, long k, int threads, const T* a,
+                  const T* b, double slope, const T* w, const T* conv_bias) {
+  (default_sizes(C, K, k) ? forward<T, 32, 1, 3> : forward<T, 0, 0, 0>)(x, out, N, H, W, C, K, k, threads, a, b, slope,
+                                                                        w, conv_bias);
+}
+
 template <typename T>
 void train_forward(const T* x, T* out, long N, long H, long W, long C, long K, long k, int threads, const T* weight,
                    const T* bias, double eps, double slope, T* running_mean, T* running_var, double factor,
@@ -191,10 +196,7 @@ void train_forward(const T* x, T* out, long N, long H, long W, long C, long K, l
   stats(x, N * H * W, C, 1, threads, mean, var.data());
   batch_affine(C, static_cast<double>(N) * H * W, mean, var.data(), weight, bias, eps, running_mean, running_var,
                factor, invstd, a, b);
-  if (C == 32 && K == 1 && k == 3)  // the default model: sizes the compiler unrolls
-    forward<T, 32, 1, 3>(x, out, N, H, W, C, K, k, threads, a, b, slope, w, conv_bias);
-  else
-    forward<T, 0, 0, 0>(x, out, N, H, W, C, K, k, threads, a, b, slope, w, conv_bias);
+  conv_forward(x, out, N, H, W, C, K, k, threads, a, b, slope, w, conv_bias);
 }
 
 template <typename T>
@@ -203,10 +205,7 @@ void apply(const T* x, T* out, long N, long H, long W, long C, long K, long k, i
            const T* conv_bias) {
   std::vector<T> a(C), b(C);
   running_affine(C, running_mean, running_var, weight, bias, eps, a.data(), b.data());
-  if (C == 32 && K == 1 && k == 3)
-    forward<T, 32, 1, 3>(x, out, N, H, W, C, K, k, threads, a.data(), b.data(), slope, w, conv_bias);
-  else
-    forward<T, 0, 0, 0>(x, out, N, H, W, C, K, k, threads, a.data(), b.data(), slope, w, conv_bias);
+  conv_forward(x, out, N, H, W, C, K, k, threads, a.data(), b.data(), slope, w, conv_bias);
 }
 
 template <typename T>
@@ -217,19 +216,11 @@ void backward(const T* g, const T* x, T* dx, long N, long H, long W, long C, lon
   const long taps = K * k * k * C;
   std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0), dw_acc(static_cast<size_t>(threads) * taps, 0.0),
       db_acc(static_cast<size_t>(threads) * K, 0.0);
-  const bool unrolled = C == 32 && K == 1 && k == 3;
+  const bool unrolled = default_sizes(C, K, k);
   (unrolled ? gradient_sums<T, 32, 1, 3> : gradient_sums<T, 0, 0, 0>)(g, x, N, H, W, C, K, k, threads, a, b, s, mean,
                                                                     w, acc.data(), dw_acc.data(), db_acc.data());
-  for (long j = 0; j < taps; ++j) {
-    double sum = 0.0;
-    for (int t = 0; t < threads; ++t) sum += dw_acc[static_cast<size_t>(t) * taps + j];
-    dw[j] = static_cast<T>(sum);
-  }
-  for (long o = 0; o < K; ++o) {
-    double sum = 0.0;
-    for (int t = 0; t < threads; ++t) sum += db_acc[static_cast<size_t>(t) * K + o];
-    dconv_bias[o] = static_cast<T>(sum);
-  }
+  for (long j = 0; j < taps; ++j) dw[j] = static_cast<T>(thread_sum(dw_acc.data(), threads, taps, j));
+  for (long o = 0; o < K; ++o) dconv_bias[o] = static_cast<T>(thread_sum(db_acc.data(), threads, K, o));
   std::vector<T> B(C), D(C);
   gradient_coefficients(acc.data(), threads, C, static_cast<double>(N) * H * W, a, mean, invstd, dweight, dbias,
                         B.data(), D.data());
