@@ -152,6 +152,15 @@ class _Function(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None
 
 
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where the kernels can compute a BatchNorm of ``x`` with ``weight``: a 4-d CPU tensor in
+    one of DTYPES (the weight's too), more than one value per channel, no autocast, not under
+    ``torch.compile``, and the library built. The memory layout is each caller's own check."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in DTYPES and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1 and library() is not None)
+
+
 def momentum_factor(norm: nn.BatchNorm2d) -> tuple[float, bool]:
     """(the running statistics' update factor, whether to update them) for one training-statistics
     forward of ``norm``, counting the step as ``nn.BatchNorm2d`` does: momentum, or a cumulative
@@ -188,11 +197,8 @@ class BatchNormAct(nn.BatchNorm2d):
         return twin.train(norm.training)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in DTYPES and x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and x.shape[0] * x.shape[2] * x.shape[3] > 1
-                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-                and library() is not None)
+        return kernel_applies(x, self.weight) and (
+            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_stats = self.training or self.running_mean is None

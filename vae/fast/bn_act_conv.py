@@ -28,10 +28,13 @@ __all__ = ["NormActConv"]
 CL = torch.channels_last
 
 
-def _dims(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
-    """(N, H, W, C, K, k): the kernels' shape arguments."""
+def _prepare(x: torch.Tensor, conv_weight: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """The kernels' shape arguments (N, H, W, C, K, k), the conv weight as (K, k, k, C) taps and the
+    output (N, K, H, W) in channels-last memory."""
     n, c, h, w = x.shape
-    return n, h, w, c, weight.shape[0], weight.shape[-1]
+    k_out, k = conv_weight.shape[0], conv_weight.shape[-1]
+    taps = conv_weight.permute(0, 2, 3, 1).contiguous()  # a channels-last weight: already this layout
+    return (n, h, w, c, k_out, k), taps, torch.empty((n, k_out, h, w), dtype=x.dtype, memory_format=CL)
 
 
 class _Function(torch.autograd.Function):
@@ -40,9 +43,8 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, conv_weight, conv_bias, factor: float, eps: float,
                 slope: float):
-        n, h, w, c, k_out, k = dims = _dims(x, conv_weight)
-        taps = conv_weight.permute(0, 2, 3, 1).contiguous()  # (K, k, k, C)
-        out = torch.empty((n, k_out, h, w), dtype=x.dtype, memory_format=CL)
+        dims, taps, out = _prepare(x, conv_weight)
+        c = x.shape[1]
         mean, invstd = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
         a, b = torch.empty_like(weight), torch.empty_like(weight)
         bn_act.kernel("conv_forward", x.dtype)(
@@ -50,7 +52,7 @@ class _Function(torch.autograd.Function):
             slope, bn_act.pointer(running_mean), bn_act.pointer(running_var), factor, mean.data_ptr(), invstd.data_ptr(),
             a.data_ptr(), b.data_ptr(), taps.data_ptr(), conv_bias.data_ptr())
         ctx.save_for_backward(x, taps)
-        ctx.stats, ctx.slope = (a, b, mean, invstd), slope
+        ctx.stats, ctx.dims, ctx.slope = (a, b, mean, invstd), dims, slope
         return out
 
     @staticmethod
@@ -62,9 +64,9 @@ class _Function(torch.autograd.Function):
         dx, dweight, dbias = torch.empty_like(x), torch.empty_like(a), torch.empty_like(a)
         dtaps, dconv_bias = torch.empty_like(taps), taps.new_empty(taps.shape[0])
         bn_act.kernel("conv_backward", x.dtype)(
-            grad.data_ptr(), x.data_ptr(), dx.data_ptr(), *_dims(x, taps.permute(0, 3, 1, 2)),
-            torch.get_num_threads(), a.data_ptr(), b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(),
-            taps.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), dtaps.data_ptr(), dconv_bias.data_ptr())
+            grad.data_ptr(), x.data_ptr(), dx.data_ptr(), *ctx.dims, torch.get_num_threads(), a.data_ptr(),
+            b.data_ptr(), ctx.slope, mean.data_ptr(), invstd.data_ptr(), taps.data_ptr(), dweight.data_ptr(),
+            dbias.data_ptr(), dtaps.data_ptr(), dconv_bias.data_ptr())
         # (K, k, k, C) in memory is the channels-last (K, C, k, k) weight
         return dx, dweight, dbias, None, None, dtaps.permute(0, 3, 1, 2), dconv_bias, None, None, None
 
@@ -92,10 +94,8 @@ class NormActConv(nn.Sequential):
         return twin.train(seq.training)
 
     def _fused(self, x: torch.Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> bool:
-        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in bn_act.DTYPES
-                and x.dtype == norm.weight.dtype == conv.weight.dtype and x.is_contiguous(memory_format=CL)
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and x.shape[0] * x.shape[2] * x.shape[3] > 1 and bn_act.library() is not None)
+        return (bn_act.kernel_applies(x, norm.weight) and conv.weight.dtype == x.dtype
+                and x.is_contiguous(memory_format=CL))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block, conv = self[0], self[1]
@@ -106,10 +106,9 @@ class NormActConv(nn.Sequential):
         if not self._fused(x, norm, conv) or (not batch_stats and torch.is_grad_enabled() and x.requires_grad):
             return conv(act(norm(x)))
         if not batch_stats:  # running statistics, no gradient
-            out = torch.empty((x.shape[0], conv.out_channels, *x.shape[2:]), dtype=x.dtype, memory_format=CL)
-            taps = conv.weight.permute(0, 2, 3, 1).contiguous()
+            dims, taps, out = _prepare(x, conv.weight)
             bn_act.kernel("conv_apply", x.dtype)(
-                x.data_ptr(), out.data_ptr(), *_dims(x, conv.weight), torch.get_num_threads(),
+                x.data_ptr(), out.data_ptr(), *dims, torch.get_num_threads(),
                 norm.running_mean.data_ptr(), norm.running_var.data_ptr(), norm.weight.data_ptr(),
                 norm.bias.data_ptr(), norm.eps, self.slope, taps.data_ptr(), conv.bias.data_ptr())
             return out
