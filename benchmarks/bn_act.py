@@ -62,11 +62,7 @@ def main(argv=None) -> None:
             for layout in (torch.channels_last, torch.contiguous_format):
                 x = torch.randn(BATCH, channels, size, size).contiguous(memory_format=layout)
                 grad = torch.randn_like(x)
-                rounds = {name: [] for name in forms}
-                for _ in range(args.rounds):
-                    for name, module in forms.items():
-                        rounds[name].append(_time(module, x, grad, args.repeats))
-                (pf, pb), (kf, kb) = (min(rounds[name], key=sum) for name in forms)
+                (pf, pb), (kf, kb) = _fastest(forms, x, grad, args).values()
                 memory = "channels-last" if layout is torch.channels_last else "contiguous"
                 rows.append(f"| {channels} | {size}×{size} | {memory} | {pf:.2f} | {pb:.2f} | {kf:.2f} | {kb:.2f} "
                             f"| {(pf + pb) / (kf + kb):.2f} |")
@@ -85,17 +81,22 @@ def _last_stage(args) -> list[str]:
              "bn_act_conv": NormActConv.from_plain(copy.deepcopy(plain))}
     x = torch.randn(BATCH, 32, 28, 28).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(BATCH, 1, 28, 28)
-    rounds = {name: [] for name in forms}
     with retained_heap():
-        for _ in range(args.rounds):
-            for name, module in forms.items():
-                rounds[name].append(_time(module, x, grad, args.repeats))
+        times = _fastest(forms, x, grad, args)
     rows = ["| form | fwd ms | bwd ms | speed-up over plain (fwd + bwd) |", "|---|---:|---:|---:|"]
-    base = sum(min(rounds["plain layers"], key=sum))
-    for name in forms:
-        f, b = min(rounds[name], key=sum)
+    base = sum(times["plain layers"])
+    for name, (f, b) in times.items():
         rows.append(f"| {name} | {f:.2f} | {b:.2f} | {base / (f + b):.2f} |")
     return rows
+
+
+def _fastest(forms: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, args) -> dict[str, tuple[float, float]]:
+    """name -> (forward, backward) ms of each form's fastest round, the forms interleaved in each round."""
+    rounds = {name: [] for name in forms}
+    for _ in range(args.rounds):
+        for name, module in forms.items():
+            rounds[name].append(_time(module, x, grad, args.repeats))
+    return {name: min(times, key=sum) for name, times in rounds.items()}
 
 
 if __name__ == "__main__":
