@@ -114,7 +114,10 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 def check_local_store(db: Path) -> None:
     """Refuse a store file that MLflow would misread: 0 bytes (SQLite and MLflow would silently make a
     new, empty store over it, orphaning its artifacts), not SQLite, or failing ``PRAGMA quick_check``.
-    A missing file is fine: a new store. The file is only read.
+    A missing file is fine: a new store. Nothing is written, except that SQLite rolls back the
+    transaction of a process killed mid-write (its hot journal), as every connection to the file
+    does: a read-only connection cannot, and failed such an intact store with "attempt to write a
+    readonly database". On a read-only disk SQLite opens the file read-only, as before.
 
     Raises:
         StoreDamagedError: naming the file and how to recover.
@@ -130,7 +133,7 @@ def check_local_store(db: Path) -> None:
     if header != SQLITE_HEADER:
         raise StoreDamagedError(f"MLflow store {db} is not an SQLite database; {recover}")
     try:
-        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=30)) as conn:
             result = [row[0] for row in conn.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as e:
         result = [str(e)]

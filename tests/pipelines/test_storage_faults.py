@@ -9,11 +9,14 @@ pages, each checked byte for byte afterwards: refused, never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +198,28 @@ def test_the_store_check_refuses_what_is_not_sqlite_and_passes_a_healthy_or_new_
     text.write_text("these are not the runs you are looking for")
     with pytest.raises(StoreDamagedError, match=f"MLflow store {text} is not an SQLite database; restore"):
         check_local_store(text)
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_not_called_damaged(tmp_path):
+    """A SIGKILL during a write leaves a hot journal: the next start rolls it back, it does not
+    refuse the store (seen when a sweep worker was killed mid-write and the rerun said damaged)."""
+    from tracking.store import check_local_store
+
+    db = tmp_path / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?)", [("kept" * 100,)] * 2000)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, time\n"
+        f"conn = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "conn.execute('PRAGMA cache_size=1'); conn.execute('BEGIN IMMEDIATE')\n"
+        "conn.execute(\"UPDATE t SET x = 'lost'\")  # spills to the file: the journal holds the old pages\n"
+        "print('ready', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "ready\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    tally("faults")
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # a hot journal, its writer gone
+    check_local_store(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*), min(x), max(x) FROM t").fetchone() == (2000, "kept" * 100, "kept" * 100)
