@@ -66,6 +66,31 @@ void apply(const T* x, T* y, long O, long C, long I, int threads, const T* runni
   affine_leaky(x, y, O, C, I, threads, a.data(), b.data(), static_cast<T>(slope));
 }
 
+// Inside a parallel region: this thread's rows of channels [c0, c0 + W) (channel_tiles),
+// s1 += gv and s2 += gv*(x - mean).
+template <typename T, int W>
+void tile_gradient_sums(const T* g, const T* x, long O, long C, long c0, const T* a, const T* b, T s,
+                        const double* mean, double* s1, double* s2) {
+  double a1[W] = {}, a2[W] = {}, m[W];
+  T ac[W], bc[W];
+  for (int j = 0; j < W; ++j) m[j] = mean[c0 + j], ac[j] = a[c0 + j], bc[j] = b[c0 + j];
+#pragma omp for schedule(static) nowait
+  for (long o = 0; o < O; ++o) {
+    const T* __restrict xr = x + o * C + c0;
+    const T* __restrict gr = g + o * C + c0;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      T gv = gr[j] * slope_at(xr[j], ac[j], bc[j], s);
+      a1[j] += gv;
+      a2[j] += static_cast<double>(gv) * (static_cast<double>(xr[j]) - m[j]);
+    }
+  }
+  for (int j = 0; j < W; ++j) {
+    s1[c0 + j] += a1[j];
+    s2[c0 + j] += a2[j];
+  }
+}
+
 // Pass 1 of the backward: acc[t][c] += gv and acc[t][C + c] += gv*(x - mean) per thread t.
 template <typename T>
 void gradient_sums(const T* g, const T* x, long O, long C, long I, int threads, const T* a, const T* b, T s,
@@ -75,17 +100,9 @@ void gradient_sums(const T* g, const T* x, long O, long C, long I, int threads, 
     double* __restrict s1 = acc + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
     double* __restrict s2 = s1 + C;
     if (I == 1) {
-#pragma omp for schedule(static)
-      for (long o = 0; o < O; ++o) {
-        const T* __restrict xr = x + o * C;
-        const T* __restrict gr = g + o * C;
-#pragma omp simd
-        for (long c = 0; c < C; ++c) {
-          T gv = gr[c] * slope_at(xr[c], a[c], b[c], s);
-          s1[c] += gv;
-          s2[c] += static_cast<double>(gv) * (static_cast<double>(xr[c]) - mean[c]);
-        }
-      }
+      channel_tiles(C, [&](auto width, long c0) {
+        tile_gradient_sums<T, decltype(width)::value>(g, x, O, C, c0, a, b, s, mean, s1, s2);
+      });
     } else {
 #pragma omp for schedule(static) collapse(2)
       for (long o = 0; o < O; ++o)

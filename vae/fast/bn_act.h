@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace bn_act {
@@ -21,6 +22,47 @@ inline double thread_sum(const double* acc, int threads, size_t stride, size_t j
 
 // Each pass is one loop over memory: rows of C channels (channels-last) or planes of I values
 // (contiguous), split over the threads, the inner loop vectorised ("omp simd").
+//
+// A sum over the rows of channels-last memory runs tile by tile: f(W, c0) sums channels
+// [c0, c0 + W) with W known at compile time, so the W running sums stay in registers. Summed into
+// an array of runtime length instead, each row waited on the previous row's stores (4-5x slower
+// at 32 channels, Intel Xeon). Each tile's sweep gives a thread the same rows (a static schedule
+// over the same count), so every sum adds the same values in the same order.
+template <typename F>
+void channel_tiles(long C, F&& f) {
+  long c0 = 0;
+  auto take = [&](auto width) {
+    for (; c0 + decltype(width)::value <= C; c0 += decltype(width)::value) f(width, c0);
+  };
+  take(std::integral_constant<int, 32>{});
+  take(std::integral_constant<int, 16>{});
+  take(std::integral_constant<int, 8>{});
+  take(std::integral_constant<int, 4>{});
+  take(std::integral_constant<int, 2>{});
+  take(std::integral_constant<int, 1>{});
+}
+
+// Inside a parallel region: this thread's rows of channels [c0, c0 + W), s1 += sum d, s2 += sum d^2
+// with d = x - shift.
+template <typename T, int W>
+void tile_stats(const T* x, long O, long C, long c0, const double* shift, double* s1, double* s2) {
+  double a1[W] = {}, a2[W] = {}, origin[W];
+  for (int j = 0; j < W; ++j) origin[j] = shift[c0 + j];
+#pragma omp for schedule(static) nowait
+  for (long o = 0; o < O; ++o) {
+    const T* __restrict row = x + o * C + c0;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      double d = static_cast<double>(row[j]) - origin[j];
+      a1[j] += d;
+      a2[j] += d * d;
+    }
+  }
+  for (int j = 0; j < W; ++j) {
+    s1[c0 + j] += a1[j];
+    s2[c0 + j] += a2[j];
+  }
+}
 
 // mean[c] and the biased variance var[c] of x, from sums shifted by each channel's first value
 // (shifting keeps sum(d^2) - sum(d)^2/n from cancelling when |mean| >> std).
@@ -34,16 +76,7 @@ void stats(const T* x, long O, long C, long I, int threads, double* mean, double
     double* __restrict s2 = s1 + C;
     const double* __restrict sh = shift.data();
     if (I == 1) {
-#pragma omp for schedule(static)
-      for (long o = 0; o < O; ++o) {
-        const T* __restrict row = x + o * C;
-#pragma omp simd
-        for (long c = 0; c < C; ++c) {
-          double d = static_cast<double>(row[c]) - sh[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
+      channel_tiles(C, [&](auto width, long c0) { tile_stats<T, decltype(width)::value>(x, O, C, c0, sh, s1, s2); });
     } else {
 #pragma omp for schedule(static) collapse(2)
       for (long o = 0; o < O; ++o)

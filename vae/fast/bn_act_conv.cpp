@@ -107,8 +107,11 @@ void gradient_sums(const T* g, const T* x, long N, long H, long W, long C_, long
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
-    double* __restrict s1 = acc + static_cast<size_t>(t) * 2 * C;
-    double* __restrict s2 = s1 + C;
+    // The BatchNorm's sums: in registers when C is known at compile time (see channel_tiles), added
+    // to this thread's acc at the end; in acc itself otherwise.
+    double local1[CC ? CC : 1] = {}, local2[CC ? CC : 1] = {};
+    double* __restrict s1 = CC ? local1 : acc + static_cast<size_t>(t) * 2 * C;
+    double* __restrict s2 = CC ? local2 : s1 + C;
     double* __restrict dwt = dw_acc + static_cast<size_t>(t) * taps;
     double* __restrict dbt = db_acc + static_cast<size_t>(t) * K;
     Padded<T> gp(H, W, p, K);
@@ -148,6 +151,8 @@ void gradient_sums(const T* g, const T* x, long N, long H, long W, long C_, long
       for (long q = 0; q < H * W; ++q)
         for (long o = 0; o < K; ++o) dbt[o] += gn[q * K + o];
     }
+    if (CC)
+      for (long c = 0; c < C; ++c) acc[static_cast<size_t>(t) * 2 * C + c] = s1[c], acc[static_cast<size_t>(t) * 2 * C + C + c] = s2[c];
   }
 }
 
